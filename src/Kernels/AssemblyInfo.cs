@@ -1,0 +1,4 @@
+using System.Runtime.CompilerServices;
+
+// The tests drive the Vector256/Vector128/scalar code paths directly through internal entry points.
+[assembly: InternalsVisibleTo("PaliGemma.CpuOnly.Tests")]

@@ -1,0 +1,518 @@
+using System.Buffers;
+using System.Numerics.Tensors;
+using System.Runtime.Intrinsics;
+using PaliGemma.CpuOnly.Kernels.Simd;
+
+namespace PaliGemma.CpuOnly.Kernels;
+
+/// <summary>
+/// One scaled dot-product attention call: multi-head, grouped-query or multi-query (query head h reads kv head
+/// h / (Heads / KvHeads)), with a visible key range per query and an optional key padding mask.
+/// </summary>
+public ref struct AttentionProblem
+{
+    /// <summary>Queries; row i, head h starts at Q[i * QRowStride + h * HeadDim].</summary>
+    public ReadOnlySpan<float> Q;
+    public int QRowStride;
+    public int Queries;
+
+    /// <summary>Keys; key j, kv head g starts at K[j * KvRowStride + g * HeadDim].</summary>
+    public ReadOnlySpan<float> K;
+    /// <summary>Values, laid out like <see cref="K"/>.</summary>
+    public ReadOnlySpan<float> V;
+    public int KvRowStride;
+    public int Keys;
+
+    public int Heads;
+    public int KvHeads;
+    public int HeadDim;
+
+    /// <summary>scores = (q . k) * Scale.</summary>
+    public float Scale;
+    /// <summary>0 for none; otherwise scores = cap * tanh(scores / cap) after scaling (Gemma 2).</summary>
+    public float LogitSoftCap;
+
+    /// <summary>Query i sees keys j with KeyStart[i] &lt;= j &lt; KeyEnd[i] ...</summary>
+    public ReadOnlySpan<int> KeyStart;
+    public ReadOnlySpan<int> KeyEnd;
+    /// <summary>... and KeyValid[j] != 0 when KeyValid is not empty (padding).</summary>
+    public ReadOnlySpan<byte> KeyValid;
+
+    /// <summary>[Queries, Heads * HeadDim], contiguous. A query that sees no key gets zeros.</summary>
+    public Span<float> Output;
+}
+
+/// <summary>
+/// Tiled attention with an online softmax: scores are made one key block at a time and folded into a running
+/// max, sum and output, so no Queries x Keys matrix is ever stored. Accumulation is fp32 throughout.
+/// </summary>
+public static unsafe class Attention
+{
+    // A work item is one kv head and a block of queries; its (query, head in group) pairs are the "rows".
+    private const int KeyBlock = 64;
+    private const int TargetRows = 64;
+    private const int RowBlock = 4;
+    private const int ChunkBlock = 4;
+    private const long ParallelThreshold = 1L << 18;
+
+    public static void Forward(scoped in AttentionProblem problem) => Forward(problem, SimdWidths.Best);
+
+    internal static void Forward(scoped in AttentionProblem problem, SimdWidth width)
+    {
+        Validate(problem);
+        if (problem.Queries == 0)
+            return;
+
+        fixed (float* q = problem.Q)
+        fixed (float* k = problem.K)
+        fixed (float* v = problem.V)
+        fixed (int* start = problem.KeyStart)
+        fixed (int* end = problem.KeyEnd)
+        fixed (byte* valid = problem.KeyValid)
+        fixed (float* output = problem.Output)
+        {
+            var shape = new Shape
+            {
+                Q = q, QRowStride = problem.QRowStride, Queries = problem.Queries,
+                K = k, V = v, KvRowStride = problem.KvRowStride, Keys = problem.Keys,
+                Heads = problem.Heads, KvHeads = problem.KvHeads, HeadDim = problem.HeadDim,
+                Scale = problem.Scale, SoftCap = problem.LogitSoftCap,
+                KeyStart = start, KeyEnd = end, KeyValid = problem.KeyValid.IsEmpty ? null : valid,
+                Output = output,
+            };
+            switch (width)
+            {
+                case SimdWidth.Vector512: Run<Simd512, Vector512<float>>(shape); break;
+                case SimdWidth.Vector256: Run<Simd256, Vector256<float>>(shape); break;
+                case SimdWidth.Vector128: Run<Simd128, Vector128<float>>(shape); break;
+                default: Run<SimdScalar, float>(shape); break;
+            }
+        }
+    }
+
+    private static void Validate(scoped in AttentionProblem p)
+    {
+        const string Name = "problem";
+        if (p.Heads <= 0)
+            throw new ArgumentException($"Heads is {p.Heads}; it must be positive", Name + ".Heads");
+        if (p.KvHeads <= 0 || p.Heads % p.KvHeads != 0)
+            throw new ArgumentException($"KvHeads is {p.KvHeads}; it must be positive and divide Heads = {p.Heads}", Name + ".KvHeads");
+        if (p.HeadDim <= 0)
+            throw new ArgumentException($"HeadDim is {p.HeadDim}; it must be positive", Name + ".HeadDim");
+        if (p.Queries < 0)
+            throw new ArgumentException($"Queries is {p.Queries}; it must not be negative", Name + ".Queries");
+        if (p.Keys < 0)
+            throw new ArgumentException($"Keys is {p.Keys}; it must not be negative", Name + ".Keys");
+        if (!float.IsFinite(p.Scale))
+            throw new ArgumentException($"Scale is {p.Scale}; it must be finite", Name + ".Scale");
+        if (!(p.LogitSoftCap >= 0f) || float.IsInfinity(p.LogitSoftCap))
+            throw new ArgumentException($"LogitSoftCap is {p.LogitSoftCap}; it must be 0 (none) or positive and finite", Name + ".LogitSoftCap");
+
+        long qWidth = (long)p.Heads * p.HeadDim;
+        long kvWidth = (long)p.KvHeads * p.HeadDim;
+        if (p.Queries > 0)
+        {
+            if (p.QRowStride < qWidth)
+                throw new ArgumentException($"QRowStride {p.QRowStride} is smaller than Heads * HeadDim = {qWidth}", Name + ".QRowStride");
+            long needed = (long)(p.Queries - 1) * p.QRowStride + qWidth;
+            if (p.Q.Length < needed)
+                throw new ArgumentException($"Q holds {p.Q.Length} floats; {p.Queries} queries need {needed}", Name + ".Q");
+            if (p.Output.Length < p.Queries * qWidth)
+                throw new ArgumentException($"Output holds {p.Output.Length} floats; {p.Queries} queries need {p.Queries * qWidth}", Name + ".Output");
+            if (p.KeyStart.Length < p.Queries)
+                throw new ArgumentException($"KeyStart holds {p.KeyStart.Length} entries; there are {p.Queries} queries", Name + ".KeyStart");
+            if (p.KeyEnd.Length < p.Queries)
+                throw new ArgumentException($"KeyEnd holds {p.KeyEnd.Length} entries; there are {p.Queries} queries", Name + ".KeyEnd");
+        }
+        if (p.Keys > 0)
+        {
+            if (p.KvRowStride < kvWidth)
+                throw new ArgumentException($"KvRowStride {p.KvRowStride} is smaller than KvHeads * HeadDim = {kvWidth}", Name + ".KvRowStride");
+            long needed = (long)(p.Keys - 1) * p.KvRowStride + kvWidth;
+            if (p.K.Length < needed)
+                throw new ArgumentException($"K holds {p.K.Length} floats; {p.Keys} keys need {needed}", Name + ".K");
+            if (p.V.Length < needed)
+                throw new ArgumentException($"V holds {p.V.Length} floats; {p.Keys} keys need {needed}", Name + ".V");
+        }
+        if (!p.KeyValid.IsEmpty && p.KeyValid.Length < p.Keys)
+            throw new ArgumentException($"KeyValid holds {p.KeyValid.Length} entries; it must be empty or cover {p.Keys} keys", Name + ".KeyValid");
+        for (int i = 0; i < p.Queries; i++)
+        {
+            if (p.KeyStart[i] < 0)
+                throw new ArgumentException($"KeyStart[{i}] is {p.KeyStart[i]}; it must not be negative", Name + ".KeyStart");
+            if (p.KeyEnd[i] > p.Keys)
+                throw new ArgumentException($"KeyEnd[{i}] is {p.KeyEnd[i]}; there are only {p.Keys} keys", Name + ".KeyEnd");
+        }
+    }
+
+    private struct Shape
+    {
+        public float* Q; public int QRowStride; public int Queries;
+        public float* K; public float* V; public int KvRowStride; public int Keys;
+        public int Heads; public int KvHeads; public int HeadDim;
+        public float Scale; public float SoftCap;
+        public int* KeyStart; public int* KeyEnd; public byte* KeyValid;
+        public float* Output;
+    }
+
+    private static void Run<TOps, TVec>(in Shape shape)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        int group = shape.Heads / shape.KvHeads;
+        int queriesPerBlock = Math.Max(1, TargetRows / group);
+        int blocks = (shape.Queries + queriesPerBlock - 1) / queriesPerBlock;
+        long work = (long)shape.Queries * shape.Keys * shape.Heads * shape.HeadDim;
+        KernelThreading.For(shape.KvHeads * blocks, work >= ParallelThreshold, new Blocks<TOps, TVec>(shape, queriesPerBlock, blocks));
+    }
+
+    private readonly struct Blocks<TOps, TVec> : IWorkItems
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        private readonly Shape _shape;
+        private readonly int _queriesPerBlock;
+        private readonly int _blocks;
+        private readonly int _group;
+        private readonly int _rowCapacity;   // rows of one block, rounded up to RowBlock
+        private readonly int _paddedDim;     // HeadDim rounded up to a whole number of vectors
+
+        public Blocks(Shape shape, int queriesPerBlock, int blocks)
+        {
+            _shape = shape;
+            _queriesPerBlock = queriesPerBlock;
+            _blocks = blocks;
+            _group = shape.Heads / shape.KvHeads;
+            _rowCapacity = RoundUp(queriesPerBlock * _group, RowBlock);
+            _paddedDim = RoundUp(shape.HeadDim, TOps.Count);
+        }
+
+        private static int RoundUp(int value, int multiple) => (value + multiple - 1) / multiple * multiple;
+
+        public void Run(int item)
+        {
+            int d = _shape.HeadDim;
+            int dPad = _paddedDim;
+            int rowCap = _rowCapacity;
+            // Scratch: packed queries, K block transposed (d-major), V block with padded rows, score tile, output
+            // accumulators, then per-row max / sum / rescale factor.
+            int scratchLength = rowCap * d + d * KeyBlock + KeyBlock * dPad + rowCap * KeyBlock + rowCap * dPad + 3 * rowCap + TOps.Count;
+            float[] rented = ArrayPool<float>.Shared.Rent(scratchLength);
+            try
+            {
+                fixed (float* scratch = rented)
+                    RunBlock(item, scratch);
+            }
+            finally
+            {
+                ArrayPool<float>.Shared.Return(rented);
+            }
+        }
+
+        private void RunBlock(int item, float* scratch)
+        {
+            ref readonly Shape s = ref _shape;
+            int d = s.HeadDim, dPad = _paddedDim, rowCap = _rowCapacity, group = _group;
+            int kvHead = item / _blocks;
+            int q0 = item % _blocks * _queriesPerBlock;
+            int queries = Math.Min(_queriesPerBlock, s.Queries - q0);
+            int rows = queries * group;
+            int rowsPadded = RoundUp(rows, RowBlock);
+
+            float* qPack = scratch;
+            float* kT = qPack + rowCap * d;
+            float* vPack = kT + d * KeyBlock;
+            float* scores = vPack + KeyBlock * dPad;
+            float* acc = scores + rowCap * KeyBlock;
+            float* rowMax = acc + rowCap * dPad;
+            float* rowSum = rowMax + rowCap;
+            float* rowScale = rowSum + rowCap;
+
+            // Row r is query q0 + r / group, head kvHead * group + r % group.
+            for (int r = 0; r < rowsPadded; r++)
+            {
+                float* dst = qPack + r * d;
+                if (r < rows)
+                {
+                    float* src = s.Q + (nint)(q0 + r / group) * s.QRowStride + (nint)(kvHead * group + r % group) * d;
+                    new ReadOnlySpan<float>(src, d).CopyTo(new Span<float>(dst, d));
+                }
+                else
+                {
+                    new Span<float>(dst, d).Clear();
+                }
+                rowMax[r] = float.NegativeInfinity;
+                rowSum[r] = 0f;
+            }
+            new Span<float>(acc, rowsPadded * dPad).Clear();
+
+            int lo = int.MaxValue, hi = int.MinValue;
+            for (int i = q0; i < q0 + queries; i++)
+            {
+                if (s.KeyStart[i] < s.KeyEnd[i])
+                {
+                    lo = Math.Min(lo, s.KeyStart[i]);
+                    hi = Math.Max(hi, s.KeyEnd[i]);
+                }
+            }
+
+            for (int j0 = lo; j0 < hi; j0 += KeyBlock)
+            {
+                int keys = Math.Min(KeyBlock, hi - j0);
+                int chunks = (keys + TOps.Count - 1) / TOps.Count;
+                int keysPadded = chunks * TOps.Count;
+                if (!AnyVisible(q0, queries, j0, keys))
+                    continue;
+
+                PackKeys(kvHead, j0, keys, keysPadded, kT, vPack);
+                for (int r = 0; r < rowsPadded; r += RowBlock)
+                    Scores(qPack + r * d, d, kT, chunks, scores + r * KeyBlock, TOps.Create(s.Scale));
+
+                for (int r = 0; r < rowsPadded; r++)
+                    SoftmaxStep(r < rows ? q0 + r / group : -1, j0, keys, keysPadded, scores + r * KeyBlock, rowMax + r, rowSum + r, rowScale + r);
+
+                for (int r = 0; r < rowsPadded; r += RowBlock)
+                    AccumulateValues(scores + r * KeyBlock, keys, vPack, dPad, acc + r * dPad, rowScale + r);
+            }
+
+            for (int r = 0; r < rows; r++)
+            {
+                float* dst = s.Output + (nint)(q0 + r / group) * s.Heads * d + (nint)(kvHead * group + r % group) * d;
+                float sum = rowSum[r];
+                if (sum > 0f)
+                    Scale(acc + r * dPad, 1f / sum, dst, d);
+                else
+                    new Span<float>(dst, d).Clear();
+            }
+        }
+
+        private bool AnyVisible(int q0, int queries, int j0, int keys)
+        {
+            ref readonly Shape s = ref _shape;
+            for (int i = q0; i < q0 + queries; i++)
+            {
+                if (Math.Max(s.KeyStart[i], j0) < Math.Min(s.KeyEnd[i], j0 + keys))
+                    return true;
+            }
+            return false;
+        }
+
+        /// <summary>Copies keys j0..j0+keys of one kv head: K transposed to [HeadDim, KeyBlock] (zero past the last key), V as rows of paddedDim.</summary>
+        private void PackKeys(int kvHead, int j0, int keys, int keysPadded, float* kT, float* vPack)
+        {
+            ref readonly Shape s = ref _shape;
+            int d = s.HeadDim, dPad = _paddedDim;
+            for (int jj = 0; jj < keys; jj++)
+            {
+                nint offset = (nint)(j0 + jj) * s.KvRowStride + (nint)kvHead * d;
+                float* key = s.K + offset;
+                for (int e = 0; e < d; e++)
+                    kT[e * KeyBlock + jj] = key[e];
+                float* vRow = vPack + jj * dPad;
+                new ReadOnlySpan<float>(s.V + offset, d).CopyTo(new Span<float>(vRow, d));
+                new Span<float>(vRow + d, dPad - d).Clear();
+            }
+            for (int e = 0; e < d && keys < keysPadded; e++)
+                new Span<float>(kT + e * KeyBlock + keys, keysPadded - keys).Clear();
+        }
+
+        /// <summary>Scores of 4 packed query rows against the block: scores[r, j] = (q_r . k_j) * scale, vectorised over keys.</summary>
+        private static void Scores(float* q, int d, float* kT, int chunks, float* scores, TVec scale)
+        {
+            int n = TOps.Count;
+            float* q1 = q + d, q2 = q1 + d, q3 = q2 + d;
+            int c = 0;
+            for (; c + ChunkBlock <= chunks; c += ChunkBlock)
+            {
+                TVec a00 = TOps.Zero, a01 = TOps.Zero, a02 = TOps.Zero, a03 = TOps.Zero;
+                TVec a10 = TOps.Zero, a11 = TOps.Zero, a12 = TOps.Zero, a13 = TOps.Zero;
+                TVec a20 = TOps.Zero, a21 = TOps.Zero, a22 = TOps.Zero, a23 = TOps.Zero;
+                TVec a30 = TOps.Zero, a31 = TOps.Zero, a32 = TOps.Zero, a33 = TOps.Zero;
+                float* k = kT + c * n;
+                for (int e = 0; e < d; e++, k += KeyBlock)
+                {
+                    TVec k0 = TOps.Load(k), k1 = TOps.Load(k + n), k2 = TOps.Load(k + 2 * n), k3 = TOps.Load(k + 3 * n);
+                    TVec u = TOps.Create(q[e]);
+                    a00 = TOps.MultiplyAdd(u, k0, a00); a01 = TOps.MultiplyAdd(u, k1, a01);
+                    a02 = TOps.MultiplyAdd(u, k2, a02); a03 = TOps.MultiplyAdd(u, k3, a03);
+                    u = TOps.Create(q1[e]);
+                    a10 = TOps.MultiplyAdd(u, k0, a10); a11 = TOps.MultiplyAdd(u, k1, a11);
+                    a12 = TOps.MultiplyAdd(u, k2, a12); a13 = TOps.MultiplyAdd(u, k3, a13);
+                    u = TOps.Create(q2[e]);
+                    a20 = TOps.MultiplyAdd(u, k0, a20); a21 = TOps.MultiplyAdd(u, k1, a21);
+                    a22 = TOps.MultiplyAdd(u, k2, a22); a23 = TOps.MultiplyAdd(u, k3, a23);
+                    u = TOps.Create(q3[e]);
+                    a30 = TOps.MultiplyAdd(u, k0, a30); a31 = TOps.MultiplyAdd(u, k1, a31);
+                    a32 = TOps.MultiplyAdd(u, k2, a32); a33 = TOps.MultiplyAdd(u, k3, a33);
+                }
+                float* o = scores + c * n;
+                TOps.Store(TOps.Multiply(a00, scale), o); TOps.Store(TOps.Multiply(a01, scale), o + n);
+                TOps.Store(TOps.Multiply(a02, scale), o + 2 * n); TOps.Store(TOps.Multiply(a03, scale), o + 3 * n);
+                o += KeyBlock;
+                TOps.Store(TOps.Multiply(a10, scale), o); TOps.Store(TOps.Multiply(a11, scale), o + n);
+                TOps.Store(TOps.Multiply(a12, scale), o + 2 * n); TOps.Store(TOps.Multiply(a13, scale), o + 3 * n);
+                o += KeyBlock;
+                TOps.Store(TOps.Multiply(a20, scale), o); TOps.Store(TOps.Multiply(a21, scale), o + n);
+                TOps.Store(TOps.Multiply(a22, scale), o + 2 * n); TOps.Store(TOps.Multiply(a23, scale), o + 3 * n);
+                o += KeyBlock;
+                TOps.Store(TOps.Multiply(a30, scale), o); TOps.Store(TOps.Multiply(a31, scale), o + n);
+                TOps.Store(TOps.Multiply(a32, scale), o + 2 * n); TOps.Store(TOps.Multiply(a33, scale), o + 3 * n);
+            }
+            for (; c < chunks; c++)
+            {
+                TVec a0 = TOps.Zero, a1 = TOps.Zero, a2 = TOps.Zero, a3 = TOps.Zero;
+                float* k = kT + c * n;
+                for (int e = 0; e < d; e++, k += KeyBlock)
+                {
+                    TVec k0 = TOps.Load(k);
+                    a0 = TOps.MultiplyAdd(TOps.Create(q[e]), k0, a0);
+                    a1 = TOps.MultiplyAdd(TOps.Create(q1[e]), k0, a1);
+                    a2 = TOps.MultiplyAdd(TOps.Create(q2[e]), k0, a2);
+                    a3 = TOps.MultiplyAdd(TOps.Create(q3[e]), k0, a3);
+                }
+                float* o = scores + c * n;
+                TOps.Store(TOps.Multiply(a0, scale), o);
+                TOps.Store(TOps.Multiply(a1, scale), o + KeyBlock);
+                TOps.Store(TOps.Multiply(a2, scale), o + 2 * KeyBlock);
+                TOps.Store(TOps.Multiply(a3, scale), o + 3 * KeyBlock);
+            }
+        }
+
+        /// <summary>
+        /// Folds one row's block of scores into its running softmax: masks invisible keys, finds the new max, turns the
+        /// scores into exp(score - max) in place and records the factor the row's earlier output must be rescaled by.
+        /// A row that sees nothing here gets all-zero weights and factor 1.
+        /// </summary>
+        private void SoftmaxStep(int query, int j0, int keys, int keysPadded, float* row, float* max, float* sum, float* rescale)
+        {
+            ref readonly Shape s = ref _shape;
+            int first = 0, last = 0;
+            if (query >= 0)
+            {
+                first = Math.Max(s.KeyStart[query], j0) - j0;
+                last = Math.Min(s.KeyEnd[query], j0 + keys) - j0;
+            }
+            if (first >= last)
+            {
+                new Span<float>(row, keysPadded).Clear();
+                *rescale = 1f;
+                return;
+            }
+
+            var span = new Span<float>(row, keysPadded);
+            if (s.SoftCap > 0f)
+            {
+                TensorPrimitives.Divide(span, s.SoftCap, span);
+                TensorPrimitives.Tanh(span, span);
+                TensorPrimitives.Multiply(span, s.SoftCap, span);
+            }
+            span[..first].Fill(float.NegativeInfinity);
+            span[last..].Fill(float.NegativeInfinity);
+            if (s.KeyValid != null)
+            {
+                byte* valid = s.KeyValid + j0;
+                for (int j = first; j < last; j++)
+                {
+                    if (valid[j] == 0)
+                        row[j] = float.NegativeInfinity;
+                }
+            }
+
+            int n = TOps.Count;
+            TVec maxV = TOps.Create(float.NegativeInfinity);
+            for (int j = 0; j < keysPadded; j += n)
+                maxV = TOps.Max(maxV, TOps.Load(row + j));
+            float blockMax = TOps.MaxAcross(maxV);
+            if (blockMax == float.NegativeInfinity)
+            {
+                span.Clear();
+                *rescale = 1f;
+                return;
+            }
+
+            float newMax = MathF.Max(*max, blockMax);
+            TVec newMaxV = TOps.Create(newMax);
+            TVec total = TOps.Zero;
+            for (int j = 0; j < keysPadded; j += n)
+            {
+                TVec p = TOps.Exp(TOps.Subtract(TOps.Load(row + j), newMaxV));
+                TOps.Store(p, row + j);
+                total = TOps.Add(total, p);
+            }
+            float factor = MathF.Exp(*max - newMax);   // exp(-inf) = 0 on the first visible block
+            *rescale = factor;
+            *sum = *sum * factor + TOps.Sum(total);
+            *max = newMax;
+        }
+
+        /// <summary>acc[r] = acc[r] * rescale[r] + sum_j p[r, j] * v_j for 4 rows, vectorised over the head dimension.</summary>
+        private static void AccumulateValues(float* p, int keys, float* vPack, int dPad, float* acc, float* rescale)
+        {
+            int n = TOps.Count;
+            int chunks = dPad / n;
+            float* p1 = p + KeyBlock, p2 = p1 + KeyBlock, p3 = p2 + KeyBlock;
+            float* acc1 = acc + dPad, acc2 = acc1 + dPad, acc3 = acc2 + dPad;
+            TVec f0 = TOps.Create(rescale[0]), f1 = TOps.Create(rescale[1]), f2 = TOps.Create(rescale[2]), f3 = TOps.Create(rescale[3]);
+            int c = 0;
+            for (; c + ChunkBlock <= chunks; c += ChunkBlock)
+            {
+                int o = c * n;
+                TVec a00 = TOps.Multiply(TOps.Load(acc + o), f0), a01 = TOps.Multiply(TOps.Load(acc + o + n), f0);
+                TVec a02 = TOps.Multiply(TOps.Load(acc + o + 2 * n), f0), a03 = TOps.Multiply(TOps.Load(acc + o + 3 * n), f0);
+                TVec a10 = TOps.Multiply(TOps.Load(acc1 + o), f1), a11 = TOps.Multiply(TOps.Load(acc1 + o + n), f1);
+                TVec a12 = TOps.Multiply(TOps.Load(acc1 + o + 2 * n), f1), a13 = TOps.Multiply(TOps.Load(acc1 + o + 3 * n), f1);
+                TVec a20 = TOps.Multiply(TOps.Load(acc2 + o), f2), a21 = TOps.Multiply(TOps.Load(acc2 + o + n), f2);
+                TVec a22 = TOps.Multiply(TOps.Load(acc2 + o + 2 * n), f2), a23 = TOps.Multiply(TOps.Load(acc2 + o + 3 * n), f2);
+                TVec a30 = TOps.Multiply(TOps.Load(acc3 + o), f3), a31 = TOps.Multiply(TOps.Load(acc3 + o + n), f3);
+                TVec a32 = TOps.Multiply(TOps.Load(acc3 + o + 2 * n), f3), a33 = TOps.Multiply(TOps.Load(acc3 + o + 3 * n), f3);
+                float* v = vPack + o;
+                for (int j = 0; j < keys; j++, v += dPad)
+                {
+                    TVec v0 = TOps.Load(v), v1 = TOps.Load(v + n), v2 = TOps.Load(v + 2 * n), v3 = TOps.Load(v + 3 * n);
+                    TVec w = TOps.Create(p[j]);
+                    a00 = TOps.MultiplyAdd(w, v0, a00); a01 = TOps.MultiplyAdd(w, v1, a01);
+                    a02 = TOps.MultiplyAdd(w, v2, a02); a03 = TOps.MultiplyAdd(w, v3, a03);
+                    w = TOps.Create(p1[j]);
+                    a10 = TOps.MultiplyAdd(w, v0, a10); a11 = TOps.MultiplyAdd(w, v1, a11);
+                    a12 = TOps.MultiplyAdd(w, v2, a12); a13 = TOps.MultiplyAdd(w, v3, a13);
+                    w = TOps.Create(p2[j]);
+                    a20 = TOps.MultiplyAdd(w, v0, a20); a21 = TOps.MultiplyAdd(w, v1, a21);
+                    a22 = TOps.MultiplyAdd(w, v2, a22); a23 = TOps.MultiplyAdd(w, v3, a23);
+                    w = TOps.Create(p3[j]);
+                    a30 = TOps.MultiplyAdd(w, v0, a30); a31 = TOps.MultiplyAdd(w, v1, a31);
+                    a32 = TOps.MultiplyAdd(w, v2, a32); a33 = TOps.MultiplyAdd(w, v3, a33);
+                }
+                TOps.Store(a00, acc + o); TOps.Store(a01, acc + o + n); TOps.Store(a02, acc + o + 2 * n); TOps.Store(a03, acc + o + 3 * n);
+                TOps.Store(a10, acc1 + o); TOps.Store(a11, acc1 + o + n); TOps.Store(a12, acc1 + o + 2 * n); TOps.Store(a13, acc1 + o + 3 * n);
+                TOps.Store(a20, acc2 + o); TOps.Store(a21, acc2 + o + n); TOps.Store(a22, acc2 + o + 2 * n); TOps.Store(a23, acc2 + o + 3 * n);
+                TOps.Store(a30, acc3 + o); TOps.Store(a31, acc3 + o + n); TOps.Store(a32, acc3 + o + 2 * n); TOps.Store(a33, acc3 + o + 3 * n);
+            }
+            for (; c < chunks; c++)
+            {
+                int o = c * n;
+                TVec a0 = TOps.Multiply(TOps.Load(acc + o), f0), a1 = TOps.Multiply(TOps.Load(acc1 + o), f1);
+                TVec a2 = TOps.Multiply(TOps.Load(acc2 + o), f2), a3 = TOps.Multiply(TOps.Load(acc3 + o), f3);
+                float* v = vPack + o;
+                for (int j = 0; j < keys; j++, v += dPad)
+                {
+                    TVec v0 = TOps.Load(v);
+                    a0 = TOps.MultiplyAdd(TOps.Create(p[j]), v0, a0);
+                    a1 = TOps.MultiplyAdd(TOps.Create(p1[j]), v0, a1);
+                    a2 = TOps.MultiplyAdd(TOps.Create(p2[j]), v0, a2);
+                    a3 = TOps.MultiplyAdd(TOps.Create(p3[j]), v0, a3);
+                }
+                TOps.Store(a0, acc + o); TOps.Store(a1, acc1 + o); TOps.Store(a2, acc2 + o); TOps.Store(a3, acc3 + o);
+            }
+        }
+
+        private static void Scale(float* source, float factor, float* destination, int length)
+        {
+            TVec f = TOps.Create(factor);
+            int i = 0;
+            for (; i + TOps.Count <= length; i += TOps.Count)
+                TOps.Store(TOps.Multiply(TOps.Load(source + i), f), destination + i);
+            for (; i < length; i++)
+                destination[i] = source[i] * factor;
+        }
+    }
+}

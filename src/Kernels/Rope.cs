@@ -1,0 +1,115 @@
+using System.Buffers;
+using System.Runtime.Intrinsics;
+using PaliGemma.CpuOnly.Kernels.Simd;
+
+namespace PaliGemma.CpuOnly.Kernels;
+
+/// <summary>Rotary position embedding in the rotate-half layout used by Hugging Face Gemma.</summary>
+public static unsafe class Rope
+{
+    private const int StackLimit = 512;
+
+    /// <summary>
+    /// Rotates, in place, every head of every row: for i &lt; headDim/2, with angle = position * invFreq[i],
+    /// out[i] = x[i] cos - x[i + half] sin and out[i + half] = x[i + half] cos + x[i] sin.
+    /// invFreq, the angles and the cos/sin values are rounded to float32 as Hugging Face computes them.
+    /// </summary>
+    /// <param name="x">rows rows, row r starting at r * rowStride; each holds heads heads of headDim floats back to back.</param>
+    /// <param name="positions">Rotary position of each row.</param>
+    /// <param name="theta">Rotary base (10000 for Gemma).</param>
+    public static void Apply(Span<float> x, int rows, int heads, int headDim, int rowStride, ReadOnlySpan<int> positions, float theta) =>
+        Apply(x, rows, heads, headDim, rowStride, positions, theta, SimdWidths.Best.FitTo(headDim / 2));
+
+    internal static void Apply(Span<float> x, int rows, int heads, int headDim, int rowStride, ReadOnlySpan<int> positions, float theta, SimdWidth width)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(rows);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(heads);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(headDim);
+        if (headDim % 2 != 0)
+            throw new ArgumentException($"headDim {headDim} must be even for rotate-half rotary embedding", nameof(headDim));
+        if (rowStride < (long)heads * headDim)
+            throw new ArgumentException($"rowStride {rowStride} is smaller than heads * headDim = {(long)heads * headDim}", nameof(rowStride));
+        if (positions.Length < rows)
+            throw new ArgumentException($"positions holds {positions.Length} entries; there are {rows} rows", nameof(positions));
+        if (!(theta > 0f) || float.IsInfinity(theta))
+            throw new ArgumentOutOfRangeException(nameof(theta), theta, "rotary base must be positive and finite");
+        if (rows == 0)
+            return;
+        if (x.Length < (long)(rows - 1) * rowStride + (long)heads * headDim)
+            throw new ArgumentException($"x holds {x.Length} floats; {rows} rows with stride {rowStride} of {heads} x {headDim} need {(long)(rows - 1) * rowStride + (long)heads * headDim}", nameof(x));
+
+        int half = headDim / 2;
+        float[]? rented = null;
+        Span<float> table = 3 * half <= StackLimit ? stackalloc float[3 * half] : (rented = ArrayPool<float>.Shared.Rent(3 * half));
+        try
+        {
+            Span<float> invFreq = table[..half];
+            for (int i = 0; i < half; i++)
+                invFreq[i] = 1f / MathF.Pow(theta, (2 * i) / (float)headDim);
+
+            fixed (float* xp = x)
+            fixed (float* tp = table)
+            fixed (int* pp = positions)
+            {
+                switch (width)
+                {
+                    case SimdWidth.Vector512: Rows<Simd512, Vector512<float>>(xp, rows, heads, headDim, rowStride, pp, tp); break;
+                    case SimdWidth.Vector256: Rows<Simd256, Vector256<float>>(xp, rows, heads, headDim, rowStride, pp, tp); break;
+                    case SimdWidth.Vector128: Rows<Simd128, Vector128<float>>(xp, rows, heads, headDim, rowStride, pp, tp); break;
+                    default: Rows<SimdScalar, float>(xp, rows, heads, headDim, rowStride, pp, tp); break;
+                }
+            }
+        }
+        finally
+        {
+            if (rented != null)
+                ArrayPool<float>.Shared.Return(rented);
+        }
+    }
+
+    /// <param name="table">invFreq[half], then room for cos[half] and sin[half].</param>
+    private static void Rows<TOps, TVec>(float* x, int rows, int heads, int headDim, int rowStride, int* positions, float* table)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        int half = headDim / 2;
+        float* invFreq = table, cos = table + half, sin = table + 2 * half;
+        nint vectorEnd = half & ~(nint)(TOps.Count - 1);
+        for (int r = 0; r < rows; r++)
+        {
+            // Consecutive rows often share a position (several sequences, repeated decode steps): keep the table then.
+            if (r == 0 || positions[r] != positions[r - 1])
+            {
+                float position = positions[r];
+                for (int i = 0; i < half; i++)
+                {
+                    float angle = position * invFreq[i];
+                    cos[i] = (float)Math.Cos(angle);
+                    sin[i] = (float)Math.Sin(angle);
+                }
+            }
+
+            float* row = x + (nint)r * rowStride;
+            for (int h = 0; h < heads; h++)
+            {
+                float* lo = row + (nint)h * headDim;
+                float* hi = lo + half;
+                nint i = 0;
+                // Separate products then add, as torch evaluates x * cos + rotate_half(x) * sin (no fused multiply-add).
+                for (; i < vectorEnd; i += TOps.Count)
+                {
+                    TVec a = TOps.Load(lo + i), b = TOps.Load(hi + i);
+                    TVec c = TOps.Load(cos + i), s = TOps.Load(sin + i);
+                    TOps.Store(TOps.Subtract(TOps.Multiply(a, c), TOps.Multiply(b, s)), lo + i);
+                    TOps.Store(TOps.Add(TOps.Multiply(b, c), TOps.Multiply(a, s)), hi + i);
+                }
+                for (; i < half; i++)
+                {
+                    float a = lo[i], b = hi[i];
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        }
+    }
+}

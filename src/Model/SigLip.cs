@@ -1,0 +1,147 @@
+using System.Numerics.Tensors;
+using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Tensors;
+
+namespace PaliGemma.CpuOnly.Model;
+
+/// <summary>
+/// SigLIP vision tower as PaliGemma uses it: 14-px patch embedding (a convolution done as one GEMM over unfolded patches),
+/// learned position embeddings, pre-LayerNorm transformer layers with GELU-tanh MLPs, a final LayerNorm, no pooling head.
+/// </summary>
+public sealed class SigLipVisionTower
+{
+    private const string Prefix = "vision_tower.vision_model.";
+
+    private readonly VisionConfig _config;
+    private readonly Linear _patchEmbedding;      // conv weight [hidden, 3, P, P] viewed as [hidden, 3·P·P]
+    private readonly float[] _positionEmbedding;  // [patches, hidden]
+    private readonly EncoderLayer[] _layers;
+    private readonly float[] _postNormWeight, _postNormBias;
+
+    private sealed record EncoderLayer(
+        float[] Norm1Weight, float[] Norm1Bias, Linear Q, Linear K, Linear V, Linear Out,
+        float[] Norm2Weight, float[] Norm2Bias, Linear Fc1, Linear Fc2);
+
+    public SigLipVisionTower(VisionConfig config, SafetensorsCheckpoint checkpoint)
+    {
+        _config = config;
+        int d = config.HiddenSize, p = config.PatchSize, patches = config.PatchesPerSide * config.PatchesPerSide;
+        var conv = checkpoint.Require(Prefix + "embeddings.patch_embedding.weight", [d, config.NumChannels, p, p]);
+        var convBias = checkpoint.Require(Prefix + "embeddings.patch_embedding.bias", [d]).ToFloatArray();
+        _patchEmbedding = new Linear(WeightMatrix.FromTensor(conv), convBias);
+        _positionEmbedding = checkpoint.Require(Prefix + "embeddings.position_embedding.weight", [patches, d]).ToFloatArray();
+
+        _layers = new EncoderLayer[config.NumHiddenLayers];
+        for (int i = 0; i < _layers.Length; i++)
+        {
+            string l = $"{Prefix}encoder.layers.{i}.";
+            _layers[i] = new EncoderLayer(
+                SmallTensors.Load(checkpoint, l + "layer_norm1.weight", d),
+                SmallTensors.Load(checkpoint, l + "layer_norm1.bias", d),
+                Linear.Load(checkpoint, l + "self_attn.q_proj", d, d, hasBias: true),
+                Linear.Load(checkpoint, l + "self_attn.k_proj", d, d, hasBias: true),
+                Linear.Load(checkpoint, l + "self_attn.v_proj", d, d, hasBias: true),
+                Linear.Load(checkpoint, l + "self_attn.out_proj", d, d, hasBias: true),
+                SmallTensors.Load(checkpoint, l + "layer_norm2.weight", d),
+                SmallTensors.Load(checkpoint, l + "layer_norm2.bias", d),
+                Linear.Load(checkpoint, l + "mlp.fc1", d, config.IntermediateSize, hasBias: true),
+                Linear.Load(checkpoint, l + "mlp.fc2", config.IntermediateSize, d, hasBias: true));
+        }
+        _postNormWeight = SmallTensors.Load(checkpoint, Prefix + "post_layernorm.weight", d);
+        _postNormBias = SmallTensors.Load(checkpoint, Prefix + "post_layernorm.bias", d);
+    }
+
+    public VisionConfig Config => _config;
+    public int TokensPerImage => _config.PatchesPerSide * _config.PatchesPerSide;
+
+    /// <summary>
+    /// Encodes <paramref name="images"/> images given as pixel values [B, 3, S, S] into the last hidden state
+    /// [B, tokens, hidden] (after the post LayerNorm), written to <paramref name="output"/>.
+    /// </summary>
+    public void Encode(ReadOnlySpan<float> pixelValues, int images, Span<float> output, CancellationToken cancellationToken = default)
+    {
+        int s = _config.ImageSize, tokens = TokensPerImage, d = _config.HiddenSize;
+        if (pixelValues.Length != images * 3 * s * s)
+            throw new ArgumentException($"pixel values hold {pixelValues.Length} floats, {images} image(s) of 3x{s}x{s} need {images * 3 * s * s}", nameof(pixelValues));
+        if (output.Length != images * tokens * d)
+            throw new ArgumentException($"output holds {output.Length} floats, {images * tokens * d} needed", nameof(output));
+
+        int rows = images * tokens, inner = _config.IntermediateSize;
+        float[] patches = new float[rows * 3 * _config.PatchSize * _config.PatchSize];
+        Unfold(pixelValues, images, patches);
+        Span<float> h = output;
+        _patchEmbedding.Forward(patches, rows, h);
+        for (int b = 0; b < images; b++)
+            TensorPrimitives.Add(h.Slice(b * tokens * d, tokens * d), _positionEmbedding, h.Slice(b * tokens * d, tokens * d));
+
+        float[] normed = new float[rows * d], q = new float[rows * d], k = new float[rows * d], v = new float[rows * d];
+        float[] attn = new float[rows * d], mlp = new float[rows * inner];
+        int heads = _config.NumAttentionHeads, headDim = _config.HeadDim;
+        int[] keyStart = new int[tokens], keyEnd = new int[tokens];
+        Array.Fill(keyEnd, tokens);
+        float scale = 1f / MathF.Sqrt(headDim);
+
+        foreach (var layer in _layers)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            Norms.LayerNorm(h, normed, rows, d, layer.Norm1Weight, layer.Norm1Bias, _config.LayerNormEps);
+            layer.Q.Forward(normed, rows, q);
+            layer.K.Forward(normed, rows, k);
+            layer.V.Forward(normed, rows, v);
+            for (int b = 0; b < images; b++)
+            {
+                int off = b * tokens * d;
+                var problem = new AttentionProblem
+                {
+                    Q = q.AsSpan(off, tokens * d), QRowStride = d, Queries = tokens,
+                    K = k.AsSpan(off, tokens * d), V = v.AsSpan(off, tokens * d), KvRowStride = d, Keys = tokens,
+                    Heads = heads, KvHeads = heads, HeadDim = headDim, Scale = scale,
+                    KeyStart = keyStart, KeyEnd = keyEnd,
+                    Output = attn.AsSpan(off, tokens * d),
+                };
+                Attention.Forward(problem);
+            }
+            layer.Out.Forward(attn, rows, normed);
+            TensorPrimitives.Add(h, normed, h);
+
+            Norms.LayerNorm(h, normed, rows, d, layer.Norm2Weight, layer.Norm2Bias, _config.LayerNormEps);
+            layer.Fc1.Forward(normed, rows, mlp);
+            Activations.GeluTanh(mlp, mlp);
+            layer.Fc2.Forward(mlp, rows, normed);
+            TensorPrimitives.Add(h, normed, h);
+        }
+        Norms.LayerNorm(h, h, rows, d, _postNormWeight, _postNormBias, _config.LayerNormEps);
+    }
+
+    /// <summary>Lays each P×P patch out as one row in the conv weight's (channel, y, x) order, patches in raster order.</summary>
+    private void Unfold(ReadOnlySpan<float> pixels, int images, Span<float> patches)
+    {
+        int s = _config.ImageSize, p = _config.PatchSize, side = _config.PatchesPerSide, rowLength = 3 * p * p;
+        for (int b = 0; b < images; b++)
+        for (int py = 0; py < side; py++)
+        for (int px = 0; px < side; px++)
+        {
+            var row = patches.Slice(((b * side + py) * side + px) * rowLength, rowLength);
+            int o = 0;
+            for (int c = 0; c < 3; c++)
+            for (int y = 0; y < p; y++)
+            {
+                pixels.Slice(((b * 3 + c) * s + py * p + y) * s + px * p, p).CopyTo(row.Slice(o, p));
+                o += p;
+            }
+        }
+    }
+}
+
+/// <summary>PaliGemma's multi-modal projector: one linear layer from the vision width to the text width.</summary>
+public sealed class MultiModalProjector
+{
+    private readonly Linear _linear;
+
+    public MultiModalProjector(int visionHidden, int projectionDim, SafetensorsCheckpoint checkpoint) =>
+        _linear = Linear.Load(checkpoint, "multi_modal_projector.linear", visionHidden, projectionDim, hasBias: true);
+
+    public int OutFeatures => _linear.OutFeatures;
+
+    public void Forward(ReadOnlySpan<float> visionStates, int rows, Span<float> output) => _linear.Forward(visionStates, rows, output);
+}
