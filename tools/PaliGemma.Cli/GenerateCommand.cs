@@ -70,7 +70,7 @@ public static class GenerateCommand
         if (json)
         {
             var buffer = new ArrayBufferWriter<byte>();
-            using var w = new Utf8JsonWriter(buffer, new JsonWriterOptions { Indented = true, Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping });
+            using var w = new Utf8JsonWriter(buffer, new JsonWriterOptions { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping });
             w.WriteStartObject();
             w.WriteString("text", result.Text);
             w.WriteString("prompt", prompt);
