@@ -9,6 +9,8 @@ public static class Program
 
         Usage:
           paligemma generate --model DIR --image FILE --prompt TEXT [options]
+          paligemma synth --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force]
+          paligemma bench --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--json]
 
         generate options:
           --model DIR            Hugging Face PaliGemma checkpoint folder (config.json, safetensors, tokenizer.model)
@@ -23,6 +25,11 @@ public static class Program
           --json                 print one JSON object: text, ids and timings
           --logits-out FILE.npy  write every generated step's logits as float32 [steps, vocab]
           --quiet                no progress on stderr
+
+        synth writes a random-weight checkpoint (config.json copied, tokenizer.model, safetensors shards + index) for benchmarks.
+        bench times preprocess, vision, prefill and decode (medians over --runs; default 3 runs, 32 new tokens, greedy,
+        never stopping at <eos>), the weight GB/s decode streams, peak RSS, bytes allocated per decode token and a
+        memory read probe (--probe-mb, default 1024; 0 skips it).
 
           paligemma help | --help | --version
         """;
@@ -44,6 +51,8 @@ public static class Program
             return args[0] switch
             {
                 "generate" => GenerateCommand.Run(args[1..]),
+                "synth" => SynthCommand.Run(args[1..]),
+                "bench" => BenchCommand.Run(args[1..]),
                 _ => throw new UsageException($"unknown command '{args[0]}'"),
             };
         }

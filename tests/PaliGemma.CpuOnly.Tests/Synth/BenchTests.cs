@@ -1,0 +1,91 @@
+using System.Text.Json;
+using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Model;
+using PaliGemma.CpuOnly.Model.Diagnostics;
+using PaliGemma.CpuOnly.Model.Synthesis;
+using PaliGemma.CpuOnly.Tests.Cli;
+using PaliGemma.CpuOnly.Tests.Tensors;
+
+namespace PaliGemma.CpuOnly.Tests.Synth;
+
+/// <summary><c>paligemma bench</c> on a synthesized tiny checkpoint, and the pieces it reports.</summary>
+[Collection(nameof(ConsoleCollection))]
+public sealed class BenchTests
+{
+    private static string TinyConfig => Path.Combine(TestPaths.Golden, "tiny-mqa-56", "config.json");
+
+    [Fact]
+    public void Bench_json_reports_every_stage_with_the_requested_counts()
+    {
+        using var temp = new TempDirectory();
+        string dir = temp.File("m");
+        SyntheticCheckpoint.Write(TinyConfig, dir, new SyntheticCheckpointOptions { Seed = 2 });
+        var (code, stdout, stderr) = CliTests.Run("bench", "--model", dir, "--new-tokens", "4", "--runs", "2", "--probe-mb", "16", "--json", "--quiet");
+        Assert.True(code == 0, $"exit {code}: {stderr}");
+        Assert.Equal("", stderr);
+
+        using var doc = JsonDocument.Parse(stdout);
+        var root = doc.RootElement;
+        Assert.Equal(3, root.GetProperty("decode_steps").GetInt32());
+        Assert.Equal(2, root.GetProperty("runs").GetInt32());
+        using (var model = PaliGemmaModel.Load(dir))
+            Assert.Equal(model.Tokenizer.BuildPrompt("caption en", model.NumImageTokens).Length, root.GetProperty("prompt_tokens").GetInt32());
+        foreach (string key in new[] { "load_s", "preprocess_s", "vision_s", "prefill_s", "prefill_tokens_per_s", "decode_s_per_token",
+                     "decode_tokens_per_s", "decode_weight_gb_per_s", "memory_read_gb_per_s", "decode_fraction_of_memory_read" })
+            Assert.True(root.GetProperty(key).GetDouble() > 0, key);
+        Assert.True(root.GetProperty("allocated_bytes_per_decode_token").GetDouble() >= 0);
+        if (OperatingSystem.IsLinux()) Assert.True(root.GetProperty("peak_rss_bytes").GetInt64() > 0);
+
+        // bf16 default: the embedding (tied LM head) plus 7 matrices per decoder layer, 2 bytes each.
+        var t = PaliGemmaConfig.Load(TinyConfig).Text;
+        long q = t.NumAttentionHeads * t.HeadDim, kv = t.NumKeyValueHeads * t.HeadDim;
+        long perLayer = t.HiddenSize * (q + 2 * kv) + q * t.HiddenSize + 3L * t.HiddenSize * t.IntermediateSize;
+        Assert.Equal(2 * ((long)t.VocabSize * t.HiddenSize + t.NumHiddenLayers * perLayer), root.GetProperty("decode_weight_bytes_per_token").GetInt64());
+
+        var runs = root.GetProperty("runs_detail");
+        Assert.Equal(2, runs.GetArrayLength());
+        foreach (var run in runs.EnumerateArray()) Assert.Equal(3, run.GetProperty("decode_step_s").GetArrayLength());
+    }
+
+    [Fact]
+    public void Bench_plain_output_names_each_figure_and_bad_options_are_usage_errors()
+    {
+        using var temp = new TempDirectory();
+        string dir = temp.File("m");
+        SyntheticCheckpoint.Write(TinyConfig, dir, new SyntheticCheckpointOptions { Seed = 2 });
+        var image = Path.Combine(TestPaths.Golden, "tiny-mqa-56", "gray_200x150.png");
+        var (code, stdout, stderr) = CliTests.Run("bench", "--model", dir, "--image", image, "--new-tokens", "2", "--runs", "1", "--probe-mb", "0");
+        Assert.True(code == 0, $"exit {code}: {stderr}");
+        foreach (string label in new[] { "load", "preprocess", "vision", "prefill", "decode", "peak RSS", "allocated" }) Assert.Contains(label, stdout);
+        Assert.DoesNotContain("memory read", stdout);
+        Assert.Contains("[bench]", stderr);
+
+        Assert.Equal(2, CliTests.Run("bench", "--model", dir, "--new-tokens", "1").Code);
+        Assert.Equal(2, CliTests.Run("bench", "--model", dir, "--runs", "0").Code);
+        Assert.Equal(2, CliTests.Run("bench", "--model", dir, "--bogus", "1").Code);
+        Assert.Equal(1, CliTests.Run("bench", "--model", temp.File("missing"), "--quiet").Code);
+    }
+
+    [Fact]
+    public void Decode_weight_bytes_count_matrices_and_lm_head_in_their_stored_dtype()
+    {
+        using var temp = new TempDirectory();
+        string f32 = temp.File("f32"), bf16 = temp.File("bf16");
+        SyntheticCheckpoint.Write(TinyConfig, f32, new SyntheticCheckpointOptions { DType = PaliGemma.CpuOnly.Tensors.DType.F32 });
+        SyntheticCheckpoint.Write(TinyConfig, bf16, new SyntheticCheckpointOptions { DType = PaliGemma.CpuOnly.Tensors.DType.BF16 });
+        var text = PaliGemmaConfig.Load(TinyConfig).Text;
+        Assert.Equal(2 * ModelFootprint.DecodeWeightBytesPerToken(bf16, text), ModelFootprint.DecodeWeightBytesPerToken(f32, text));
+    }
+
+    [Fact]
+    public void Memory_probe_times_every_pass_on_the_requested_threads()
+    {
+        var result = MemoryBandwidth.MeasureRead(8 << 20, threads: 2, passes: 3);
+        Assert.Equal(8 << 20, result.BufferBytes);
+        Assert.Equal(2, result.Threads);
+        Assert.Equal(3, result.PassGBps.Count);
+        Assert.All(result.PassGBps, g => Assert.True(double.IsFinite(g) && g > 0, $"{g} GB/s"));
+        Assert.InRange(result.MedianGBps, result.PassGBps.Min(), result.BestGBps);
+        Assert.Throws<ArgumentOutOfRangeException>(() => MemoryBandwidth.MeasureRead(100));
+    }
+}

@@ -1,0 +1,227 @@
+using System.Buffers;
+using System.Diagnostics;
+using System.Globalization;
+using System.Numerics.Tensors;
+using System.Text;
+using System.Text.Encodings.Web;
+using System.Text.Json;
+using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Model;
+using PaliGemma.CpuOnly.Model.Diagnostics;
+using PaliGemma.CpuOnly.Model.Imaging;
+
+namespace PaliGemma.Cli;
+
+/// <summary>
+/// <c>paligemma bench</c>: times each stage of one generation (greedy, never stopping early at &lt;eos&gt;) over several
+/// runs and puts decode speed next to the memory bandwidth the same process can reach.
+/// </summary>
+public static class BenchCommand
+{
+    private static readonly HashSet<string> Flags = ["json", "quiet"];
+
+    private sealed class RunTimings
+    {
+        public double PreprocessSeconds, VisionSeconds, PrefillSeconds;
+        public List<double> DecodeStepSeconds = [];
+        public long AllocatedBytes, AllocatedBytesThisThread;
+        public double DecodeSeconds => DecodeStepSeconds.Sum();
+    }
+
+    public static int Run(string[] args)
+    {
+        var a = new ParsedArguments(args, Flags);
+        string modelDir = a.Required("model");
+        string? imagePath = a.Optional("image");
+        string prompt = a.Optional("prompt") ?? "caption en";
+        string? tokenizerPath = a.Optional("tokenizer");
+        int newTokens = a.Int("new-tokens", 32, 2, 1 << 16);
+        int runs = a.Int("runs", 3, 1, 1000);
+        int warmup = a.Int("warmup", 0, 0, 100);
+        int threads = a.Int("threads", 0, 0, 4096);
+        int probeMb = a.Int("probe-mb", 1024, 0, 1 << 20);
+        bool json = a.Flag("json"), quiet = a.Flag("quiet");
+        a.RejectUnknown();
+        if (threads > 0) KernelThreading.MaxThreads = threads;
+
+        void Progress(string message)
+        {
+            if (!quiet) Console.Error.WriteLine("[bench] " + message);
+        }
+
+        Progress($"loading {modelDir}");
+        using var model = PaliGemmaModel.Load(modelDir, tokenizerPath);
+        double loadSeconds = model.LoadTime.TotalSeconds;
+        long weightBytesPerToken = ModelFootprint.DecodeWeightBytesPerToken(modelDir, model.Config.Text);
+        Progress(string.Create(CultureInfo.InvariantCulture,
+            $"loaded in {loadSeconds * 1000:F0} ms; {model.Decoder.EmbeddingDType.ToString().ToUpperInvariant()} weights, {weightBytesPerToken / 1e9:F2} GB streamed per decode token; {KernelThreading.MaxThreads} threads, {KernelInfo.VectorWidth}"));
+
+        var results = new List<RunTimings>();
+        int promptTokens = 0;
+        for (int r = 0; r < warmup + runs; r++)
+        {
+            string label = r < warmup ? $"warm-up {r + 1}/{warmup}" : $"run {r - warmup + 1}/{runs}";
+            var timings = RunOnce(model, imagePath, prompt, newTokens, out promptTokens, message => Progress($"{label}: {message}"));
+            if (r >= warmup) results.Add(timings);
+        }
+        long? peakRss = ModelFootprint.PeakResidentBytes();
+
+        MemoryBandwidthResult? probe = null;
+        if (probeMb > 0)
+        {
+            Progress($"memory read probe: {probeMb} MB on {KernelThreading.MaxThreads} threads");
+            probe = MemoryBandwidth.MeasureRead((long)probeMb << 20);
+            Progress(string.Create(CultureInfo.InvariantCulture, $"memory read {probe.MedianGBps:F1} GB/s median, {probe.BestGBps:F1} GB/s best"));
+        }
+
+        double preprocess = Median(results.Select(x => x.PreprocessSeconds));
+        double vision = Median(results.Select(x => x.VisionSeconds));
+        double prefill = Median(results.Select(x => x.PrefillSeconds));
+        int decodeSteps = newTokens - 1;
+        double decodePerToken = Median(results.Select(x => x.DecodeSeconds / decodeSteps));
+        double decodeTokensPerSecond = 1 / decodePerToken;
+        double decodeGBps = weightBytesPerToken / decodePerToken / 1e9;
+        double allocatedPerToken = Median(results.Select(x => (double)x.AllocatedBytes / decodeSteps));
+        double allocatedPerTokenThread = Median(results.Select(x => (double)x.AllocatedBytesThisThread / decodeSteps));
+
+        if (json)
+        {
+            var buffer = new ArrayBufferWriter<byte>();
+            using (var w = new Utf8JsonWriter(buffer, new JsonWriterOptions { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping }))
+            {
+                w.WriteStartObject();
+                w.WriteString("model", Path.GetFullPath(modelDir));
+                w.WriteString("weights_dtype", model.Decoder.EmbeddingDType.ToString().ToUpperInvariant());
+                w.WriteString("image", imagePath ?? "synthetic 640x480 gradient");
+                w.WriteString("prompt", prompt);
+                w.WriteNumber("prompt_tokens", promptTokens);
+                w.WriteNumber("new_tokens", newTokens);
+                w.WriteNumber("decode_steps", decodeSteps);
+                w.WriteNumber("runs", runs);
+                w.WriteNumber("warmup_runs", warmup);
+                w.WriteNumber("threads", KernelThreading.MaxThreads);
+                w.WriteNumber("processor_count", Environment.ProcessorCount);
+                w.WriteString("vector_width", KernelInfo.VectorWidth);
+                w.WriteString("runtime", System.Runtime.InteropServices.RuntimeInformation.FrameworkDescription);
+                w.WriteNumber("load_s", Round(loadSeconds));
+                w.WriteNumber("preprocess_s", Round(preprocess));
+                w.WriteNumber("vision_s", Round(vision));
+                w.WriteNumber("prefill_s", Round(prefill));
+                w.WriteNumber("prefill_tokens_per_s", Round(promptTokens / prefill));
+                w.WriteNumber("decode_s_per_token", Round(decodePerToken));
+                w.WriteNumber("decode_tokens_per_s", Round(decodeTokensPerSecond));
+                w.WriteNumber("decode_weight_bytes_per_token", weightBytesPerToken);
+                w.WriteNumber("decode_weight_gb_per_s", Round(decodeGBps));
+                if (probe is not null)
+                {
+                    w.WriteNumber("memory_read_gb_per_s", Round(probe.MedianGBps));
+                    w.WriteNumber("memory_read_gb_per_s_best", Round(probe.BestGBps));
+                    w.WriteNumber("memory_probe_bytes", probe.BufferBytes);
+                    w.WriteNumber("decode_fraction_of_memory_read", Round(decodeGBps / probe.MedianGBps));
+                }
+                else
+                {
+                    w.WriteNull("memory_read_gb_per_s");
+                }
+                if (peakRss is long rss) w.WriteNumber("peak_rss_bytes", rss);
+                else w.WriteNull("peak_rss_bytes");
+                w.WriteNumber("allocated_bytes_per_decode_token", Math.Round(allocatedPerToken));
+                w.WriteNumber("allocated_bytes_per_decode_token_this_thread", Math.Round(allocatedPerTokenThread));
+                w.WriteStartArray("runs_detail");
+                foreach (var run in results)
+                {
+                    w.WriteStartObject();
+                    w.WriteNumber("preprocess_s", Round(run.PreprocessSeconds));
+                    w.WriteNumber("vision_s", Round(run.VisionSeconds));
+                    w.WriteNumber("prefill_s", Round(run.PrefillSeconds));
+                    w.WriteStartArray("decode_step_s");
+                    foreach (double step in run.DecodeStepSeconds) w.WriteNumberValue(Round(step));
+                    w.WriteEndArray();
+                    w.WriteEndObject();
+                }
+                w.WriteEndArray();
+                w.WriteEndObject();
+            }
+            Console.Out.WriteLine(Encoding.UTF8.GetString(buffer.WrittenSpan));
+        }
+        else
+        {
+            var o = Console.Out;
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"load        {loadSeconds * 1000,10:F1} ms"));
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"preprocess  {preprocess * 1000,10:F1} ms"));
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"vision      {vision * 1000,10:F1} ms"));
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"prefill     {prefill * 1000,10:F1} ms  {promptTokens} tokens, {promptTokens / prefill:F1} tokens/s"));
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"decode      {decodePerToken * 1000,10:F1} ms/token  {decodeTokensPerSecond:F2} tokens/s, {decodeGBps:F1} GB/s of weights ({weightBytesPerToken / 1e9:F2} GB/token)"));
+            if (probe is not null)
+                o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"memory read {probe.MedianGBps,10:F1} GB/s  (decode reaches {100 * decodeGBps / probe.MedianGBps:F0}%)"));
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"peak RSS    {(peakRss is long p ? $"{p / 1e9:F2} GB" : "n/a"),10}"));
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"allocated   {allocatedPerToken,10:F0} bytes/decode token ({allocatedPerTokenThread:F0} on the decoding thread)"));
+        }
+        return 0;
+    }
+
+    private static RunTimings RunOnce(PaliGemmaModel model, string? imagePath, string prompt, int newTokens, out int promptTokens, Action<string> progress)
+    {
+        var t = new RunTimings();
+        var clock = Stopwatch.StartNew();
+        var image = imagePath is null ? GradientImage(640, 480) : ImageLoader.Load(imagePath);
+        float[] pixels = model.Preprocess(image);
+        int[] ids = model.Tokenizer.BuildPrompt(prompt, model.NumImageTokens);
+        t.PreprocessSeconds = clock.Elapsed.TotalSeconds;
+        promptTokens = ids.Length;
+
+        clock.Restart();
+        float[] features = model.EncodeImages(pixels, 1);
+        t.VisionSeconds = clock.Elapsed.TotalSeconds;
+        progress(string.Create(CultureInfo.InvariantCulture, $"vision {t.VisionSeconds:F2} s"));
+
+        var session = new PaliGemmaSession(model, 1, ids.Length + newTokens);
+        var logits = new float[session.VocabSize];
+        clock.Restart();
+        session.Prefill(ids, default, ids.Length, features, logits);
+        t.PrefillSeconds = clock.Elapsed.TotalSeconds;
+        progress(string.Create(CultureInfo.InvariantCulture, $"prefill {ids.Length} tokens {t.PrefillSeconds:F2} s ({ids.Length / t.PrefillSeconds:F1} tokens/s)"));
+
+        // Greedy, ignoring <eos>: a random model may emit it at any step, and every run must decode the same number of tokens.
+        int[] next = [TensorPrimitives.IndexOfMax(logits)];
+        var stepClock = new Stopwatch();
+        long allocatedBefore = GC.GetTotalAllocatedBytes(precise: true);
+        long threadBefore = GC.GetAllocatedBytesForCurrentThread();
+        for (int step = 1; step < newTokens; step++)
+        {
+            stepClock.Restart();
+            session.Decode(next, logits);
+            next[0] = TensorPrimitives.IndexOfMax(logits);
+            t.DecodeStepSeconds.Add(stepClock.Elapsed.TotalSeconds);
+        }
+        t.AllocatedBytesThisThread = GC.GetAllocatedBytesForCurrentThread() - threadBefore;
+        t.AllocatedBytes = GC.GetTotalAllocatedBytes(precise: true) - allocatedBefore;
+        progress(string.Create(CultureInfo.InvariantCulture,
+            $"decode {newTokens - 1} steps {t.DecodeSeconds:F2} s ({(newTokens - 1) / t.DecodeSeconds:F2} tokens/s)"));
+        return t;
+    }
+
+    /// <summary>A smooth RGB gradient: the preprocessing work of a real photo without needing a file.</summary>
+    internal static RgbImage GradientImage(int width, int height)
+    {
+        var pixels = new byte[width * height * 3];
+        for (int y = 0; y < height; y++)
+        for (int x = 0; x < width; x++)
+        {
+            int i = (y * width + x) * 3;
+            pixels[i] = (byte)(255 * x / Math.Max(1, width - 1));
+            pixels[i + 1] = (byte)(255 * y / Math.Max(1, height - 1));
+            pixels[i + 2] = (byte)(255 * (x + y) / Math.Max(1, width + height - 2));
+        }
+        return new RgbImage(width, height, pixels);
+    }
+
+    private static double Median(IEnumerable<double> values)
+    {
+        var sorted = values.Order().ToArray();
+        int n = sorted.Length;
+        return n % 2 == 1 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
+    }
+
+    private static double Round(double value) => double.IsFinite(value) ? Math.Round(value, 6) : 0;
+}
