@@ -44,9 +44,11 @@ public static class MemoryBandwidth
 
         byte* buffer = (byte*)NativeMemory.AlignedAlloc((nuint)usedBytes, Alignment);
         var sinks = new ulong[threads];
-        var startLine = new Barrier(threads + 1);
-        var finishLine = new Barrier(threads + 1);
-        int remainingPasses = passes + 1;
+        int totalPasses = passes + 1;
+        var starts = new long[totalPasses, threads];
+        var ends = new long[totalPasses, threads];
+        // Only the readers meet at the barrier and they time themselves: a waiting main thread would compete for cores.
+        using var barrier = new Barrier(threads);
         var workers = new Thread[threads];
         try
         {
@@ -59,39 +61,40 @@ public static class MemoryBandwidth
                 workers[t] = new Thread(() =>
                 {
                     // First touch from the reading thread places pages near it on NUMA machines.
-                    new Span<byte>(slice, (int)Math.Min(sliceBytes, int.MaxValue)).Fill((byte)(index + 1));
-                    for (long done = int.MaxValue; done < sliceBytes; done += int.MaxValue)
+                    for (long done = 0; done < sliceBytes; done += int.MaxValue)
                         new Span<byte>(slice + done, (int)Math.Min(sliceBytes - done, int.MaxValue)).Fill((byte)(index + 1));
-                    for (int pass = 0; pass < remainingPasses; pass++)
+                    for (int pass = 0; pass < totalPasses; pass++)
                     {
-                        startLine.SignalAndWait();
+                        barrier.SignalAndWait();
+                        starts[pass, index] = Stopwatch.GetTimestamp();
                         sinks[index] ^= SumSlice(slice, sliceBytes);
-                        finishLine.SignalAndWait();
+                        ends[pass, index] = Stopwatch.GetTimestamp();
                     }
                 })
                 { IsBackground = true, Name = $"bandwidth-probe-{t}" };
                 workers[t].Start();
             }
-
-            var results = new double[passes];
-            var clock = new Stopwatch();
-            for (int pass = 0; pass < remainingPasses; pass++)
-            {
-                startLine.SignalAndWait();
-                clock.Restart();
-                finishLine.SignalAndWait();
-                double seconds = clock.Elapsed.TotalSeconds;
-                if (pass > 0) results[pass - 1] = usedBytes / seconds / 1e9;
-            }
             foreach (var worker in workers) worker.Join();
             GC.KeepAlive(sinks);
+
+            // A pass lasts from the first reader starting to the last one finishing; pass 0 is the warm-up.
+            var results = new double[passes];
+            for (int pass = 1; pass < totalPasses; pass++)
+            {
+                long start = long.MaxValue, end = long.MinValue;
+                for (int t = 0; t < threads; t++)
+                {
+                    start = Math.Min(start, starts[pass, t]);
+                    end = Math.Max(end, ends[pass, t]);
+                }
+                double seconds = Math.Max(end - start, 1) / (double)Stopwatch.Frequency;
+                results[pass - 1] = usedBytes / seconds / 1e9;
+            }
             return new MemoryBandwidthResult(usedBytes, threads, Vector512.IsHardwareAccelerated ? "Vector512" : "Vector256", results);
         }
         finally
         {
             NativeMemory.AlignedFree(buffer);
-            startLine.Dispose();
-            finishLine.Dispose();
         }
     }
 

@@ -49,6 +49,9 @@ public static class BenchCommand
             if (!quiet) Console.Error.WriteLine("[bench] " + message);
         }
 
+        double? loadAverageStart = ProcessStats.LoadAverage();
+        if (loadAverageStart > Environment.ProcessorCount)
+            Progress(string.Create(CultureInfo.InvariantCulture, $"note: load average {loadAverageStart:F1} on {Environment.ProcessorCount} cores; other work competes for the CPUs"));
         Progress($"loading {modelDir}");
         using var model = PaliGemmaModel.Load(modelDir, tokenizerPath);
         double loadSeconds = model.LoadTime.TotalSeconds;
@@ -64,7 +67,7 @@ public static class BenchCommand
             var timings = RunOnce(model, imagePath, prompt, newTokens, out promptTokens, message => Progress($"{label}: {message}"));
             if (r >= warmup) results.Add(timings);
         }
-        long? peakRss = ModelFootprint.PeakResidentBytes();
+        long? peakRss = ProcessStats.PeakResidentBytes();
 
         MemoryBandwidthResult? probe = null;
         if (probeMb > 0)
@@ -74,6 +77,7 @@ public static class BenchCommand
             Progress(string.Create(CultureInfo.InvariantCulture, $"memory read {probe.MedianGBps:F1} GB/s median, {probe.BestGBps:F1} GB/s best"));
         }
 
+        double? loadAverageEnd = ProcessStats.LoadAverage();
         double preprocess = Median(results.Select(x => x.PreprocessSeconds));
         double vision = Median(results.Select(x => x.VisionSeconds));
         double prefill = Median(results.Select(x => x.PrefillSeconds));
@@ -103,6 +107,8 @@ public static class BenchCommand
                 w.WriteNumber("processor_count", Environment.ProcessorCount);
                 w.WriteString("vector_width", KernelInfo.VectorWidth);
                 w.WriteString("runtime", System.Runtime.InteropServices.RuntimeInformation.FrameworkDescription);
+                WriteOptional(w, "load_average_1m_start", loadAverageStart);
+                WriteOptional(w, "load_average_1m_end", loadAverageEnd);
                 w.WriteNumber("load_s", Round(loadSeconds));
                 w.WriteNumber("preprocess_s", Round(preprocess));
                 w.WriteNumber("vision_s", Round(vision));
@@ -214,6 +220,12 @@ public static class BenchCommand
             pixels[i + 2] = (byte)(255 * (x + y) / Math.Max(1, width + height - 2));
         }
         return new RgbImage(width, height, pixels);
+    }
+
+    private static void WriteOptional(Utf8JsonWriter w, string name, double? value)
+    {
+        if (value is double v) w.WriteNumber(name, Round(v));
+        else w.WriteNull(name);
     }
 
     private static double Median(IEnumerable<double> values)

@@ -35,13 +35,21 @@ public static class SynthCommand
                 $"[synth] {p.BytesWritten / 1e9:F2}/{p.TotalBytes / 1e9:F2} GB ({100.0 * p.BytesWritten / Math.Max(p.TotalBytes, 1):F0}%), {rate / 1e6:F0} MB/s, ETA {eta:F0} s"));
         }
 
-        if (!quiet) stderr.WriteLine($"[synth] {configPath} -> {outDir} ({dtype.ToHeaderName()}, seed {seed}, shards up to {shardBytes / 1e9:F2} GB)");
+        if (!quiet) stderr.WriteLine($"[synth] {configPath} -> {outDir} ({dtype.ToHeaderName()}, seed {seed}, shards up to {FormatBytes(shardBytes)})");
         var result = SyntheticCheckpoint.Write(configPath, outDir, options, Report);
         double mbPerSecond = result.TensorBytes / Math.Max(result.Elapsed.TotalSeconds, 1e-9) / 1e6;
         Console.Out.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"wrote {result.TensorCount} tensors, {result.TensorBytes / 1e9:F3} GB in {result.WeightFiles.Count} file(s) to {result.Directory} in {result.Elapsed.TotalSeconds:F1} s ({mbPerSecond:F0} MB/s)"));
         return 0;
     }
+
+    private static string FormatBytes(long bytes) => bytes switch
+    {
+        >= 1_000_000_000 => (bytes / 1e9).ToString("0.## GB", CultureInfo.InvariantCulture),
+        >= 1_000_000 => (bytes / 1e6).ToString("0.## MB", CultureInfo.InvariantCulture),
+        >= 1_000 => (bytes / 1e3).ToString("0.## KB", CultureInfo.InvariantCulture),
+        _ => bytes.ToString(CultureInfo.InvariantCulture) + " B",
+    };
 
     private static DType ParseDType(string text) => text.ToLowerInvariant() switch
     {

@@ -29,15 +29,28 @@ public static class ModelFootprint
         using var checkpoint = SafetensorsCheckpoint.Open(modelDirectory);
         return DecodeWeightBytesPerToken(checkpoint, config);
     }
+}
 
+/// <summary>Process and host readings from Linux /proc; null where /proc is not available.</summary>
+public static class ProcessStats
+{
     /// <summary>
-    /// Peak resident set size of this process in bytes (Linux <c>VmHWM</c>: mapped weight pages that were touched count too),
-    /// or null where /proc is not available.
+    /// Peak resident set size of this process in bytes (Linux <c>VmHWM</c>: mapped weight pages that were touched count too).
     /// </summary>
     public static long? PeakResidentBytes() => ReadStatusKilobytes("VmHWM:");
 
-    /// <summary>Current resident set size in bytes (Linux <c>VmRSS</c>), or null where /proc is not available.</summary>
+    /// <summary>Current resident set size in bytes (Linux <c>VmRSS</c>).</summary>
     public static long? ResidentBytes() => ReadStatusKilobytes("VmRSS:");
+
+    /// <summary>The host's 1-minute load average (/proc/loadavg): above the core count, other work is competing for the CPUs.</summary>
+    public static double? LoadAverage()
+    {
+        const string path = "/proc/loadavg";
+        if (!File.Exists(path)) return null;
+        string text = File.ReadAllText(path);
+        int space = text.IndexOf(' ');
+        return double.TryParse(space > 0 ? text[..space] : text, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double load) ? load : null;
+    }
 
     private static long? ReadStatusKilobytes(string key)
     {

@@ -1,6 +1,9 @@
+using System.Buffers;
 using System.Buffers.Binary;
+using System.Numerics.Tensors;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 using System.Text;
 using PaliGemma.CpuOnly.Tensors;
 
@@ -35,12 +38,15 @@ public sealed record SyntheticTensor(string Name, long[] Shape, TensorInit Init)
 /// on any number of threads and the bytes only depend on the seed, the name, the distribution and the dtype.
 /// </summary>
 /// <remarks>
-/// z is the Irwin–Hall sum of four 16-bit uniforms, centred and scaled to unit variance: one 64-bit draw per element,
-/// no transcendental functions, bell-shaped with tails cut at ±√12 ≈ 3.46σ (enough for weights whose only job is to
+/// z is the Irwin–Hall sum of four 16-bit uniforms, centred and scaled to unit variance: 64 random bits per element,
+/// drawn eight at a time from four xoshiro256** lanes, no transcendental functions, bell-shaped with tails cut at ±√12 ≈ 3.46σ (enough for weights whose only job is to
 /// look and cost like real ones).
 /// </remarks>
 public static class SyntheticTensorData
 {
+    // Elements drawn in fp32 at a time before rounding to a 16-bit dtype (16 KB of stack).
+    private const int BlockElements = 4096;
+
     /// <summary>Elements per independently seeded chunk (part of the output format: changing it changes every byte).</summary>
     public const int ChunkElements = 1 << 18;
 
@@ -80,32 +86,26 @@ public static class SyntheticTensorData
         if (destination.Length != count * size)
             throw new ArgumentException($"chunk {chunkIndex} holds {count} {dtype} elements ({count * size} bytes), the destination {destination.Length}", nameof(destination));
 
-        var rng = new Xoshiro256StarStar(seed, nameKey, (ulong)chunkIndex);
-        float scale = init.Std * IrwinHallInverseStd, mean = init.Mean;
-        switch (dtype)
+        var rng = new Xoshiro256StarStarX4(seed, nameKey, (ulong)chunkIndex);
+        var mean = Vector256.Create(init.Mean);
+        var scale = Vector256.Create(init.Std * IrwinHallInverseStd);
+        if (dtype == DType.F32)
         {
-            case DType.F32:
+            Generate(ref rng, mean, scale, MemoryMarshal.Cast<byte, float>(destination));
+        }
+        else
+        {
+            // 16-bit outputs: draw a block in fp32, then round it.
+            Span<float> block = stackalloc float[BlockElements];
+            for (int start = 0; start < count; start += BlockElements)
             {
-                var values = MemoryMarshal.Cast<byte, float>(destination);
-                for (int i = 0; i < values.Length; i++) values[i] = Draw(ref rng, mean, scale);
-                if (!BitConverter.IsLittleEndian) ReverseEndianness(destination, 4);
-                break;
-            }
-            case DType.BF16:
-            {
-                var values = MemoryMarshal.Cast<byte, ushort>(destination);
-                for (int i = 0; i < values.Length; i++) values[i] = ToBFloat16(Draw(ref rng, mean, scale));
-                if (!BitConverter.IsLittleEndian) ReverseEndianness(destination, 2);
-                break;
-            }
-            default:
-            {
-                var values = MemoryMarshal.Cast<byte, Half>(destination);
-                for (int i = 0; i < values.Length; i++) values[i] = (Half)Draw(ref rng, mean, scale);
-                if (!BitConverter.IsLittleEndian) ReverseEndianness(destination, 2);
-                break;
+                int n = Math.Min(BlockElements, count - start);
+                Generate(ref rng, mean, scale, block[..n]);
+                if (dtype == DType.BF16) ToBFloat16(block[..n], MemoryMarshal.Cast<byte, ushort>(destination.Slice(start * 2, n * 2)));
+                else TensorPrimitives.ConvertToHalf(block[..n], MemoryMarshal.Cast<byte, Half>(destination.Slice(start * 2, n * 2)));
             }
         }
+        if (!BitConverter.IsLittleEndian) ReverseEndianness(destination, size);
     }
 
     /// <summary>
@@ -121,52 +121,101 @@ public static class SyntheticTensorData
         if (chunks == 0) return;
         ulong key = NameKey(tensor.Name);
         int size = dtype.SizeOf();
-        int chunksPerBatch = (int)Math.Min(chunks, Math.Max(8, 4 * Environment.ProcessorCount));
+        // Batches of at least 32 MB (large sequential writes) and several chunks per core (even load across threads).
+        int minimumChunks = Math.Max(4 * Environment.ProcessorCount, (32 << 20) / (ChunkElements * size));
+        int chunksPerBatch = (int)Math.Min(chunks, minimumChunks);
         int batchBytes = chunksPerBatch * ChunkElements * size;
-        byte[] filling = new byte[batchBytes], writing = new byte[batchBytes];
+        // Pooled: fresh 32 MB arrays per tensor would cost more in page faults and zeroing than generating the data.
+        byte[] filling = ArrayPool<byte>.Shared.Rent(batchBytes), writing = ArrayPool<byte>.Shared.Rent(batchBytes);
         Task pending = Task.CompletedTask;
         var options = new ParallelOptions { CancellationToken = cancellationToken };
-
-        for (long first = 0; first < chunks; first += chunksPerBatch)
+        try
         {
-            int inBatch = (int)Math.Min(chunksPerBatch, chunks - first);
-            long batchElements = Math.Min((long)inBatch * ChunkElements, elements - first * ChunkElements);
-            byte[] buffer = filling;
-            long firstChunk = first;
-            Parallel.For(0, inBatch, options, c =>
+            for (long first = 0; first < chunks; first += chunksPerBatch)
             {
-                long chunk = firstChunk + c;
-                long chunkElements = Math.Min(ChunkElements, elements - chunk * ChunkElements);
-                FillChunk(seed, key, chunk, elements, tensor.Init, dtype, buffer.AsSpan(c * ChunkElements * size, (int)chunkElements * size));
-            });
+                int inBatch = (int)Math.Min(chunksPerBatch, chunks - first);
+                long batchElements = Math.Min((long)inBatch * ChunkElements, elements - first * ChunkElements);
+                byte[] buffer = filling;
+                long firstChunk = first;
+                Parallel.For(0, inBatch, options, c =>
+                {
+                    long chunk = firstChunk + c;
+                    long chunkElements = Math.Min(ChunkElements, elements - chunk * ChunkElements);
+                    FillChunk(seed, key, chunk, elements, tensor.Init, dtype, buffer.AsSpan(c * ChunkElements * size, (int)chunkElements * size));
+                });
 
+                pending.GetAwaiter().GetResult();
+                int length = (int)(batchElements * size);
+                pending = Task.Run(() =>
+                {
+                    output.Write(buffer, 0, length);
+                    onWritten?.Invoke(length);
+                }, cancellationToken);
+                (filling, writing) = (writing, filling);
+            }
             pending.GetAwaiter().GetResult();
-            int length = (int)(batchElements * size);
-            pending = Task.Run(() =>
-            {
-                output.Write(buffer, 0, length);
-                onWritten?.Invoke(length);
-            }, cancellationToken);
-            (filling, writing) = (writing, filling);
         }
-        pending.GetAwaiter().GetResult();
+        finally
+        {
+            // On failure the last write may still be running: let it end before the caller closes the stream.
+            if (!pending.IsCompleted) ((IAsyncResult)pending).AsyncWaitHandle.WaitOne();
+            ArrayPool<byte>.Shared.Return(filling);
+            ArrayPool<byte>.Shared.Return(writing);
+        }
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float Draw(ref Xoshiro256StarStar rng, float mean, float scale)
+    /// <summary>
+    /// Fills <paramref name="destination"/> with mean + scale · (Irwin–Hall sum − its mean), 8 values per pair of draws.
+    /// Only lane-wise integer and IEEE single operations, so every machine (any vector width or none) gives the same bits.
+    /// </summary>
+    private static void Generate(ref Xoshiro256StarStarX4 rng, Vector256<float> mean, Vector256<float> scale, Span<float> destination)
     {
-        ulong r = rng.Next();
-        uint lo = (uint)r, hi = (uint)(r >> 32);
-        int sum = (int)(lo & 0xFFFF) + (int)(lo >> 16) + (int)(hi & 0xFFFF) + (int)(hi >> 16);
-        return mean + (sum - IrwinHallMean) * scale;
+        // The generator state lives in locals (registers) for the loop; the struct is only read and written back.
+        var (s0, s1, s2, s3) = rng.State;
+        var low16 = Vector256.Create(0xFFFFu);
+        var center = Vector256.Create(IrwinHallMean);
+        ref float output = ref MemoryMarshal.GetReference(destination);
+        int length = destination.Length, i = 0;
+        Span<float> tail = stackalloc float[8];
+        while (i < length)
+        {
+            var a = Xoshiro256StarStarX4.Step(ref s0, ref s1, ref s2, ref s3).AsUInt32();
+            var b = Xoshiro256StarStarX4.Step(ref s0, ref s1, ref s2, ref s3).AsUInt32();
+            var sum = (a & low16) + (a >>> 16) + (b & low16) + (b >>> 16);   // four 16-bit uniforms per lane
+            var values = mean + (Vector256.ConvertToSingle(sum.AsInt32()) - center) * scale;
+            if (i <= length - 8)
+            {
+                values.StoreUnsafe(ref output, (nuint)i);
+            }
+            else
+            {
+                values.CopyTo(tail);
+                tail[..(length - i)].CopyTo(destination[i..]);
+            }
+            i += 8;
+        }
+        rng.State = (s0, s1, s2, s3);
     }
 
     /// <summary>fp32 → bf16 with round-to-nearest-even (the values here are always finite).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static ushort ToBFloat16(float value)
+    private static void ToBFloat16(ReadOnlySpan<float> source, Span<ushort> destination)
     {
-        uint bits = BitConverter.SingleToUInt32Bits(value);
-        return (ushort)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+        var one = Vector256.Create(1u);
+        var bias = Vector256.Create(0x7FFFu);
+        int i = 0;
+        for (; i <= source.Length - 16; i += 16)
+        {
+            var lo = Vector256.LoadUnsafe(ref MemoryMarshal.GetReference(source), (nuint)i).AsUInt32();
+            var hi = Vector256.LoadUnsafe(ref MemoryMarshal.GetReference(source), (nuint)i + 8).AsUInt32();
+            lo = (lo + bias + ((lo >>> 16) & one)) >>> 16;
+            hi = (hi + bias + ((hi >>> 16) & one)) >>> 16;
+            Vector256.Narrow(lo, hi).StoreUnsafe(ref MemoryMarshal.GetReference(destination), (nuint)i);
+        }
+        for (; i < source.Length; i++)
+        {
+            uint bits = BitConverter.SingleToUInt32Bits(source[i]);
+            destination[i] = (ushort)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+        }
     }
 
     private static void ReverseEndianness(Span<byte> data, int elementSize)
@@ -175,33 +224,47 @@ public static class SyntheticTensorData
         else BinaryPrimitives.ReverseEndianness(MemoryMarshal.Cast<byte, uint>(data), MemoryMarshal.Cast<byte, uint>(data));
     }
 
-    /// <summary>xoshiro256** (Blackman and Vigna), its state filled by SplitMix64 from the three keys.</summary>
-    private struct Xoshiro256StarStar
+    /// <summary>
+    /// Four independent xoshiro256** generators (Blackman and Vigna) in the lanes of 256-bit vectors, their states filled
+    /// by SplitMix64 from the three keys.
+    /// </summary>
+    private struct Xoshiro256StarStarX4
     {
-        private ulong _s0, _s1, _s2, _s3;
+        private Vector256<ulong> _s0, _s1, _s2, _s3;
 
-        public Xoshiro256StarStar(ulong seed, ulong nameKey, ulong chunk)
+        public Xoshiro256StarStarX4(ulong seed, ulong nameKey, ulong chunk)
         {
             ulong x = seed;
             x = SplitMix(ref x) ^ nameKey;
             x = SplitMix(ref x) ^ chunk;
-            _s0 = SplitMix(ref x);
-            _s1 = SplitMix(ref x);
-            _s2 = SplitMix(ref x);
-            _s3 = SplitMix(ref x);
+            Span<ulong> state = stackalloc ulong[16];
+            foreach (ref ulong word in state) word = SplitMix(ref x);
+            _s0 = Vector256.Create(state[0], state[4], state[8], state[12]);
+            _s1 = Vector256.Create(state[1], state[5], state[9], state[13]);
+            _s2 = Vector256.Create(state[2], state[6], state[10], state[14]);
+            _s3 = Vector256.Create(state[3], state[7], state[11], state[15]);
         }
 
-        [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public ulong Next()
+        public (Vector256<ulong>, Vector256<ulong>, Vector256<ulong>, Vector256<ulong>) State
         {
-            ulong result = ulong.RotateLeft(_s1 * 5, 7) * 9;
-            ulong t = _s1 << 17;
-            _s2 ^= _s0;
-            _s3 ^= _s1;
-            _s1 ^= _s2;
-            _s0 ^= _s3;
-            _s2 ^= t;
-            _s3 = ulong.RotateLeft(_s3, 45);
+            readonly get => (_s0, _s1, _s2, _s3);
+            set => (_s0, _s1, _s2, _s3) = value;
+        }
+
+        /// <summary>One step of all four generators: returns their outputs and advances the state.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static Vector256<ulong> Step(ref Vector256<ulong> s0, ref Vector256<ulong> s1, ref Vector256<ulong> s2, ref Vector256<ulong> s3)
+        {
+            var times5 = (s1 << 2) + s1;
+            var rotated = (times5 << 7) | (times5 >>> 57);
+            var result = (rotated << 3) + rotated;   // · 9
+            var t = s1 << 17;
+            s2 ^= s0;
+            s3 ^= s1;
+            s1 ^= s2;
+            s0 ^= s3;
+            s2 ^= t;
+            s3 = (s3 << 45) | (s3 >>> 19);
             return result;
         }
 
