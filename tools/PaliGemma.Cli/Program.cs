@@ -9,8 +9,8 @@ public static class Program
 
         Usage:
           paligemma generate --model DIR --image FILE --prompt TEXT [options]
-          paligemma synth --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force]
-          paligemma bench --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--json]
+          paligemma synth --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
+          paligemma bench --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--json] [--quiet]
 
         generate options:
           --model DIR            Hugging Face PaliGemma checkpoint folder (config.json, safetensors, tokenizer.model)

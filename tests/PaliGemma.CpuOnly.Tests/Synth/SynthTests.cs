@@ -163,6 +163,44 @@ public sealed class SynthTests
     }
 
     [Fact]
+    public void Streamed_tensor_is_its_chunks_in_order()
+    {
+        var tensor = new SyntheticTensor("t", [3, SyntheticTensorData.ChunkElements - 5], new TensorInit(0f, 1f));
+        using var streamed = new MemoryStream();
+        long reported = 0;
+        SyntheticTensorData.WriteTensor(streamed, 77, tensor, DType.BF16, n => reported += n);
+        Assert.Equal(tensor.ByteLength(DType.BF16), streamed.Length);
+        Assert.Equal(streamed.Length, reported);
+
+        long elements = tensor.ElementCount;
+        var expected = new byte[elements * 2];
+        for (long chunk = 0; chunk < SyntheticTensorData.ChunkCount(elements); chunk++)
+        {
+            long start = chunk * SyntheticTensorData.ChunkElements;
+            int count = (int)Math.Min(SyntheticTensorData.ChunkElements, elements - start);
+            SyntheticTensorData.FillChunk(77, SyntheticTensorData.NameKey("t"), chunk, elements, tensor.Init, DType.BF16, expected.AsSpan((int)start * 2, count * 2));
+        }
+        Assert.True(expected.AsSpan().SequenceEqual(streamed.ToArray()));
+    }
+
+    [Fact]
+    public void A_given_tokenizer_is_copied_when_it_fits_the_config()
+    {
+        using var temp = new TempDirectory();
+        string golden = Path.Combine(TestPaths.Golden, "tiny-mqa-56", "tokenizer.model");
+        SyntheticCheckpoint.Write(TinyConfig, temp.File("m"), new SyntheticCheckpointOptions { TokenizerPath = golden });
+        Assert.Equal(File.ReadAllBytes(golden), File.ReadAllBytes(temp.File("m/tokenizer.model")));
+
+        // <image> at 257152 does not match the tiny config's image_token_index 2299.
+        string big = temp.File("big.model");
+        File.WriteAllBytes(big, SyntheticTokenizer.Build(257216, 257152));
+        var (code, _, stderr) = CliTests.Run("synth", "--config", TinyConfig, "--out", temp.File("n"), "--vocab-tokenizer", big, "--quiet");
+        Assert.Equal(1, code);
+        Assert.Contains("image_token_index", stderr);
+        Assert.False(Directory.Exists(temp.File("n")) && Directory.EnumerateFiles(temp.File("n")).Any());
+    }
+
+    [Fact]
     public void Synthetic_tokenizer_has_paligemmas_layout_and_decodes_every_id()
     {
         // The released 224 config: 257216 embedding rows, <image> = 257152, <loc0000> = 256000 as in the real tokenizer.
