@@ -251,9 +251,10 @@ public sealed class GemmaDecoder
             }
             newKeys.CopyTo(_scratchKeys.AsSpan((start - oldest) * kvWidth));
             newValues.CopyTo(_scratchValues.AsSpan((start - oldest) * kvWidth));
-            _scratchValid = valid[oldest..end].ToArray();
+            if (_scratchValid.Length < count) _scratchValid = new byte[count];
+            valid[oldest..end].CopyTo(_scratchValid);
             SetRanges(window, keyBase: oldest);
-            Use(ref problem, _scratchKeys.AsSpan(0, count * kvWidth), _scratchValues.AsSpan(0, count * kvWidth), count, _scratchValid);
+            Use(ref problem, _scratchKeys.AsSpan(0, count * kvWidth), _scratchValues.AsSpan(0, count * kvWidth), count, _scratchValid.AsSpan(0, count));
         }
 
         /// <summary>After attention: a ring layer keeps the last min(newTokens, slots) new keys (in-place layers already hold them).</summary>
