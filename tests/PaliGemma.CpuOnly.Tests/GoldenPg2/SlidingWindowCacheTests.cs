@@ -108,6 +108,7 @@ public sealed class SlidingWindowCacheTests
     [Theory]
     [InlineData(19, 0, 6)]   // prompt 2W + 3: the ring has rolled before the appends
     [InlineData(10, 6, 2)]   // pads 0..5 are still inside the window of the appended tokens
+    [InlineData(5, 2, 4)]    // a prompt shorter than the window: the ring fills up during the appends
     public void Appending_several_tokens_then_one_equals_a_single_pass(int prompt, int pads, int extra)
     {
         var decoder = Pg2Golden.Model(Pg2Golden.Tiny).Decoder;
