@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Model.Lora;
 using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Model;
@@ -58,6 +59,10 @@ public sealed class GemmaDecoder
     /// <summary>sqrt(hidden) rounded to fp32, the factor Gemma multiplies its input embeddings by.</summary>
     public float EmbeddingScale { get; }
 
+    /// <summary>The decoder's dense layers (LoRA targets), layer by layer: q, k, v, o, gate, up, down.</summary>
+    internal IEnumerable<Linear> Linears =>
+        _layers.SelectMany(static l => new[] { l.Q, l.K, l.V, l.O, l.Gate, l.Up, l.Down });
+
     public KvCache CreateCache(int batch, int capacity) => new(_config.NumHiddenLayers, batch, capacity, KvWidth);
 
     /// <summary>Writes the embedding row of <paramref name="tokenId"/> (upconverted to fp32) times sqrt(hidden) into <paramref name="destination"/>.</summary>
@@ -92,7 +97,7 @@ public sealed class GemmaDecoder
     /// the prefix attends bidirectionally, later tokens causally.
     /// </summary>
     public void Forward(Span<float> hidden, int newTokens, ReadOnlySpan<int> positions, KvCache cache, int prefixLength,
-        HiddenStateObserver? observer = null, CancellationToken cancellationToken = default)
+        HiddenStateObserver? observer = null, CancellationToken cancellationToken = default, LoraAdapter? adapter = null)
     {
         int batch = cache.Batch, rows = batch * newTokens, h = _config.HiddenSize;
         int heads = _config.NumAttentionHeads, kvHeads = _config.NumKeyValueHeads, headDim = _config.HeadDim;
@@ -115,9 +120,9 @@ public sealed class GemmaDecoder
             cancellationToken.ThrowIfCancellationRequested();
             var layer = _layers[li];
             Norms.RmsNorm(hidden, normed, rows, h, layer.InputNorm, _config.RmsNormEps, unitOffset: true);
-            layer.Q.Forward(normed, rows, q);
-            layer.K.Forward(normed, rows, k);
-            layer.V.Forward(normed, rows, v);
+            layer.Q.Forward(normed, rows, q, adapter);
+            layer.K.Forward(normed, rows, k, adapter);
+            layer.V.Forward(normed, rows, v, adapter);
             Rope.Apply(q, rows, heads, headDim, qWidth, positions, _config.RopeTheta);
             Rope.Apply(k, rows, kvHeads, headDim, kvWidth, positions, _config.RopeTheta);
             for (int b = 0; b < batch; b++)
@@ -136,14 +141,14 @@ public sealed class GemmaDecoder
                 };
                 Attention.Forward(problem);
             }
-            layer.O.Forward(attn, rows, normed);
+            layer.O.Forward(attn, rows, normed, adapter);
             TensorPrimitives.Add(hidden, normed, hidden);
 
             Norms.RmsNorm(hidden, normed, rows, h, layer.PostAttentionNorm, _config.RmsNormEps, unitOffset: true);
-            layer.Gate.Forward(normed, rows, gate);
-            layer.Up.Forward(normed, rows, up);
+            layer.Gate.Forward(normed, rows, gate, adapter);
+            layer.Up.Forward(normed, rows, up, adapter);
             Activations.GeluTanhMul(gate, up, gate);
-            layer.Down.Forward(gate, rows, normed);
+            layer.Down.Forward(gate, rows, normed, adapter);
             TensorPrimitives.Add(hidden, normed, hidden);
             if (li + 1 < _layers.Length) observer?.Invoke(li + 1, hidden);
         }

@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Model.Lora;
 using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Model;
@@ -54,11 +55,17 @@ public sealed class SigLipVisionTower
     public VisionConfig Config => _config;
     public int TokensPerImage => _config.PatchesPerSide * _config.PatchesPerSide;
 
+    /// <summary>The encoder's dense layers (LoRA targets), layer by layer: q, k, v, out, fc1, fc2.</summary>
+    internal IEnumerable<Linear> Linears =>
+        _layers.SelectMany(static l => new[] { l.Q, l.K, l.V, l.Out, l.Fc1, l.Fc2 });
+
     /// <summary>
     /// Encodes <paramref name="images"/> images given as pixel values [B, 3, S, S] into the last hidden state
     /// [B, tokens, hidden] (after the post LayerNorm), written to <paramref name="output"/>.
     /// </summary>
-    public void Encode(ReadOnlySpan<float> pixelValues, int images, Span<float> output, CancellationToken cancellationToken = default)
+    /// <param name="adapter">A run-time LoRA adapter whose low-rank terms are added to the layers it adapts, or null.</param>
+    public void Encode(ReadOnlySpan<float> pixelValues, int images, Span<float> output, CancellationToken cancellationToken = default,
+        LoraAdapter? adapter = null)
     {
         int s = _config.ImageSize, tokens = TokensPerImage, d = _config.HiddenSize;
         if (pixelValues.Length != images * 3 * s * s)
@@ -85,9 +92,9 @@ public sealed class SigLipVisionTower
         {
             cancellationToken.ThrowIfCancellationRequested();
             Norms.LayerNorm(h, normed, rows, d, layer.Norm1Weight, layer.Norm1Bias, _config.LayerNormEps);
-            layer.Q.Forward(normed, rows, q);
-            layer.K.Forward(normed, rows, k);
-            layer.V.Forward(normed, rows, v);
+            layer.Q.Forward(normed, rows, q, adapter);
+            layer.K.Forward(normed, rows, k, adapter);
+            layer.V.Forward(normed, rows, v, adapter);
             for (int b = 0; b < images; b++)
             {
                 int off = b * tokens * d;
@@ -101,13 +108,13 @@ public sealed class SigLipVisionTower
                 };
                 Attention.Forward(problem);
             }
-            layer.Out.Forward(attn, rows, normed);
+            layer.Out.Forward(attn, rows, normed, adapter);
             TensorPrimitives.Add(h, normed, h);
 
             Norms.LayerNorm(h, normed, rows, d, layer.Norm2Weight, layer.Norm2Bias, _config.LayerNormEps);
-            layer.Fc1.Forward(normed, rows, mlp);
+            layer.Fc1.Forward(normed, rows, mlp, adapter);
             Activations.GeluTanh(mlp, mlp);
-            layer.Fc2.Forward(mlp, rows, normed);
+            layer.Fc2.Forward(mlp, rows, normed, adapter);
             TensorPrimitives.Add(h, normed, h);
         }
         Norms.LayerNorm(h, h, rows, d, _postNormWeight, _postNormBias, _config.LayerNormEps);
@@ -143,5 +150,8 @@ public sealed class MultiModalProjector
 
     public int OutFeatures => _linear.OutFeatures;
 
-    public void Forward(ReadOnlySpan<float> visionStates, int rows, Span<float> output) => _linear.Forward(visionStates, rows, output);
+    internal Linear Linear => _linear;
+
+    public void Forward(ReadOnlySpan<float> visionStates, int rows, Span<float> output, LoraAdapter? adapter = null) =>
+        _linear.Forward(visionStates, rows, output, adapter);
 }
