@@ -164,6 +164,17 @@ public sealed class LoraConfig
                 throw Field(path, "target_modules", $"\"{targetRegex}\" is not a regular expression this runtime can use ({e.Message})");
             }
         }
+        foreach (var (field, key) in rankPattern.Select(p => ("rank_pattern", p.Key)).Concat(alphaPattern.Select(p => ("alpha_pattern", p.Key))))
+        {
+            try
+            {
+                _ = new Regex($"^(?:.*\\.)?(?:{key})$", RegexOptions.CultureInvariant);
+            }
+            catch (ArgumentException e)
+            {
+                throw Field(path, field, $"has the key \"{key}\", which is not a regular expression this runtime can use ({e.Message})");
+            }
+        }
         return new LoraConfig(path, rank.Value, alpha.Value, useRsLora, targetNames, targetRegex, [.. rankPattern], [.. alphaPattern]);
     }
 
@@ -185,29 +196,24 @@ public sealed class LoraConfig
     }
 
     /// <summary>
-    /// Rank and alpha of one module: PEFT takes the first key of rank_pattern then alpha_pattern that matches
-    /// <c>.*\.{key}$</c> against the module path, and looks that one key up in each pattern, falling back to r / lora_alpha.
+    /// Rank and alpha of one module. As PEFT's <c>get_pattern_key</c> (v0.14 on): the first key of rank_pattern (and,
+    /// separately, of alpha_pattern) that matches <c>(.*\.)?(key)$</c> from the start of the module path wins, else r /
+    /// lora_alpha. (PEFT 0.13 required a "." before the key and looked one key up in both patterns; the two agree on
+    /// every pattern set except a full-path key or a rank key shadowing an alpha key.)
     /// </summary>
     public (int Rank, double Alpha) RankAndAlphaFor(string modulePath)
     {
-        string? key = null;
-        foreach (var k in RankPattern.Select(p => p.Key).Concat(AlphaPattern.Select(p => p.Key)))
-        {
-            if (Regex.IsMatch(modulePath, $"^(?:.*\\.{k}$)", RegexOptions.CultureInvariant))
-            {
-                key = k;
-                break;
-            }
-        }
         int rank = Rank;
         double alpha = Alpha;
-        if (key is not null)
-        {
-            foreach (var p in RankPattern) if (p.Key == key) { rank = p.Value; break; }
-            foreach (var p in AlphaPattern) if (p.Key == key) { alpha = p.Value; break; }
-        }
+        foreach (var p in RankPattern)
+            if (PatternMatches(p.Key, modulePath)) { rank = p.Value; break; }
+        foreach (var p in AlphaPattern)
+            if (PatternMatches(p.Key, modulePath)) { alpha = p.Value; break; }
         return (rank, alpha);
     }
+
+    private static bool PatternMatches(string key, string modulePath) =>
+        Regex.IsMatch(modulePath, $"^(?:.*\\.)?(?:{key})$", RegexOptions.CultureInvariant);
 
     /// <summary>alpha / r, or alpha / sqrt(r) with <c>use_rslora</c>, as PEFT computes it (double, then used as fp32).</summary>
     public float Scaling(int rank, double alpha) => (float)(UseRsLora ? alpha / Math.Sqrt(rank) : alpha / rank);
