@@ -26,7 +26,10 @@ public sealed class PaliGemmaSession
     private float[] _decodeHidden = [];
     private int[] _decodePositions = [];
 
-    /// <param name="adapter">A run-time LoRA adapter loaded for <paramref name="model"/> that this request uses, or null for the base weights.</param>
+    /// <param name="adapter">
+    /// A run-time LoRA adapter loaded for <paramref name="model"/> that this request uses, or null for the base weights.
+    /// Encode the request's images with the same adapter (<see cref="PaliGemmaModel.EncodeImages"/>): it adapts the vision tower too.
+    /// </param>
     public PaliGemmaSession(PaliGemmaModel model, int batch, int capacity, LoraAdapter? adapter = null)
     {
         model.CheckAdapter(adapter);

@@ -210,6 +210,24 @@ public sealed class LoraGoldenTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void The_low_rank_path_does_not_allocate_per_call()
+    {
+        var model = LoraGoldenData.BaseModel;
+        var adapter = model.LoadAdapter(LoraGoldenData.AdapterDirectory("lora"));
+        var module = adapter.Modules.First(m => m.Name.StartsWith("language_model.", StringComparison.Ordinal));
+        var x = new float[module.InFeatures];
+        for (int i = 0; i < x.Length; i++) x[i] = MathF.Sin(i);
+        var y = new float[module.OutFeatures];
+        var baseOnly = new float[module.OutFeatures];
+        module.Layer.Forward(x, 1, baseOnly);
+        module.Layer.Forward(x, 1, y, adapter);   // warm the scratch pool
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        for (int i = 0; i < 16; i++) module.Layer.Forward(x, 1, y, adapter);
+        Assert.Equal(0, GC.GetAllocatedBytesForCurrentThread() - before);
+        Assert.NotEqual(baseOnly, y);   // the adapter did change the output
+    }
+
+    [Fact]
     public void Adapters_load_once_per_folder_and_belong_to_their_model()
     {
         var model = LoraGoldenData.BaseModel;

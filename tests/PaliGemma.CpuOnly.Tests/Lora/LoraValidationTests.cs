@@ -141,6 +141,14 @@ public sealed class LoraValidationTests
     }
 
     [Fact]
+    public void All_linear_selects_every_dense_layer_but_the_lm_head_so_this_adapter_lacks_some()
+    {
+        // "all-linear" also selects SigLIP's out_proj / fc1 / fc2 and the projector, which this adapter has no tensors for.
+        var e = Refused(LoraGoldenData.CopyAdapter().EditConfig(c => c["target_modules"] = "all-linear"));
+        AssertNames(e, "base_model.model.vision_tower.vision_model.encoder.layers.0.self_attn.out_proj.lora_", "missing");
+    }
+
+    [Fact]
     public void Missing_files_are_reported_with_their_paths()
     {
         using (var adapter = LoraGoldenData.CopyAdapter())
