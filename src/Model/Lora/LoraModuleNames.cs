@@ -26,6 +26,7 @@ internal enum ModuleKind
 internal sealed class LoraModuleNames
 {
     private readonly List<(string Classic, ModuleKind Kind)> _modules = [];
+    private readonly Dictionary<string, ModuleKind> _kindByClassic = new(StringComparer.Ordinal);
 
     public LoraModuleNames(PaliGemmaModel model)
     {
@@ -48,6 +49,7 @@ internal sealed class LoraModuleNames
             string l = $"{v}encoder.layers.{i}";
             Add(ModuleKind.Other, l, l + ".self_attn", l + ".layer_norm1", l + ".mlp", l + ".mlp.activation_fn", l + ".layer_norm2");
         }
+        foreach (var (name, kind) in _modules) _kindByClassic.TryAdd(name, kind);
     }
 
     private void Add(ModuleKind kind, params string[] names)
@@ -65,12 +67,7 @@ internal sealed class LoraModuleNames
         }
     }
 
-    public ModuleKind? KindOf(string classicName)
-    {
-        foreach (var (classic, kind) in _modules)
-            if (classic == classicName) return kind;
-        return null;
-    }
+    public ModuleKind? KindOf(string classicName) => _kindByClassic.TryGetValue(classicName, out var kind) ? kind : null;
 
     /// <summary>transformers 4.52's names for a classic module path (null where the module has no counterpart).</summary>
     public static string? ToRestructured(string classic)

@@ -134,6 +134,46 @@ public sealed class LoraGoldenTests(ITestOutputHelper output)
         Assert.All(runtime.Modules, m => Assert.False(m.Layer.HasMergedWeight));
     }
 
+    [Fact]
+    public unsafe void A_bf16_base_merges_into_fp32_copies_and_agrees_with_the_runtime_adapter()
+    {
+        string bf16 = Path.Combine(LoraGoldenData.BaseDirectory, "bf16");
+        string tokenizer = Path.Combine(LoraGoldenData.BaseDirectory, "tokenizer.model");
+        using var merged = PaliGemmaModel.Load(bf16, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, MergeAdapterDirectory = LoraGoldenData.AdapterDirectory("lora") });
+        using var baseModel = PaliGemmaModel.Load(bf16, tokenizer);
+        using var bf16Weights = SafetensorsCheckpoint.Open(bf16);
+        foreach (var module in merged.MergedAdapter!.Modules)
+        {
+            // W' = widen(W_bf16) + scaling·B·A: the delta is the same as for the fp32 base, so compare deltas.
+            var layer = module.Layer;
+            Assert.Equal(DType.F32, layer.Weight.DType);
+            var actual = new ReadOnlySpan<float>(layer.Weight.Data, layer.Weight.Rows * layer.Weight.Cols).ToArray();
+            float[] w = bf16Weights.Get(module.Name + ".weight").ToFloatArray();
+            float[] expectedDelta = new float[w.Length];
+            for (int n = 0; n < module.OutFeatures; n++)
+            for (int k = 0; k < module.InFeatures; k++)
+            {
+                double sum = 0;
+                for (int j = 0; j < module.Rank; j++) sum += (double)module.B[n * module.Rank + j] * module.A[j * module.InFeatures + k];
+                expectedDelta[n * module.InFeatures + k] = (float)(sum * module.Scaling);
+            }
+            for (int i = 0; i < w.Length; i++) actual[i] -= w[i];
+            Compare.Close("lora_merged_weights", $"bf16 merged {module.Name} delta", actual, expectedDelta);
+        }
+
+        const string sample = "s1_caption";
+        var options = new GenerationOptions { MaxNewTokens = LoraGoldenData.MaxNewTokens(sample), KeepStepLogits = true };
+        float[] pixels = LoraGoldenData.PixelValues(sample);
+        int[] ids = LoraGoldenData.InputIds(sample);
+        var fromMerged = new PaliGemmaGenerator(merged).GenerateFromIds(pixels, [ids], options)[0];
+        var fromRuntime = new PaliGemmaGenerator(baseModel).GenerateFromIds(pixels, [ids],
+            options with { Adapter = baseModel.LoadAdapter(LoraGoldenData.AdapterDirectory("lora")) })[0];
+        Assert.Equal(fromRuntime.GeneratedIds, fromMerged.GeneratedIds);
+        // The merged fp32 weights are not rounded back to bf16, so both modes compute the same sums up to fp32 rounding.
+        for (int s = 0; s < fromRuntime.StepLogits!.Count; s++)
+            Compare.Close("lora_merged_vs_runtime", $"bf16 {sample} step {s}", fromMerged.StepLogits![s], fromRuntime.StepLogits[s]);
+    }
+
     [Theory]
     [MemberData(nameof(MergedSamples))]
     public void Merged_and_runtime_modes_agree(string sample)
