@@ -107,6 +107,8 @@ public sealed class GemmaDecoder
         if (positions.Length != rows) throw new ArgumentException($"{positions.Length} positions for {rows} rows", nameof(positions));
         if (end > cache.Capacity)
             throw new InvalidOperationException($"the sequence would reach {end} positions but the KV cache holds {cache.Capacity}");
+        if (adapter is not null && !ReferenceEquals(adapter.BaseModel.Decoder, this))
+            throw new ArgumentException($"LoRA adapter '{adapter.Directory}' was loaded for another model", nameof(adapter));
 
         float[] normed = new float[rows * h], q = new float[rows * qWidth], k = new float[rows * kvWidth], v = new float[rows * kvWidth];
         float[] attn = new float[rows * qWidth], gate = new float[rows * inner], up = new float[rows * inner];

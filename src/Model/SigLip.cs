@@ -72,6 +72,8 @@ public sealed class SigLipVisionTower
             throw new ArgumentException($"pixel values hold {pixelValues.Length} floats, {images} image(s) of 3x{s}x{s} need {images * 3 * s * s}", nameof(pixelValues));
         if (output.Length != images * tokens * d)
             throw new ArgumentException($"output holds {output.Length} floats, {images * tokens * d} needed", nameof(output));
+        if (adapter is not null && !ReferenceEquals(adapter.BaseModel.Vision, this))
+            throw new ArgumentException($"LoRA adapter '{adapter.Directory}' was loaded for another model", nameof(adapter));
 
         int rows = images * tokens, inner = _config.IntermediateSize;
         float[] patches = new float[rows * 3 * _config.PatchSize * _config.PatchSize];
