@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Model.Lora;
 using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Model;
@@ -66,6 +67,10 @@ public sealed class GemmaDecoder
     /// <summary>sqrt(hidden) rounded to fp32, the factor Gemma multiplies its input embeddings by.</summary>
     public float EmbeddingScale { get; }
 
+    /// <summary>The decoder's dense layers (LoRA targets), layer by layer: q, k, v, o, gate, up, down.</summary>
+    internal IEnumerable<Linear> Linears =>
+        _layers.SelectMany(static l => new[] { l.Q, l.K, l.V, l.O, l.Gate, l.Up, l.Down });
+
     /// <summary>A cache for <paramref name="batch"/> rows of up to <paramref name="capacity"/> positions; sliding layers keep a ring of window slots.</summary>
     public KvCache CreateCache(int batch, int capacity)
     {
@@ -107,7 +112,7 @@ public sealed class GemmaDecoder
     /// layers drop keys more than a window behind.
     /// </summary>
     public void Forward(Span<float> hidden, int newTokens, ReadOnlySpan<int> positions, KvCache cache, int prefixLength,
-        HiddenStateObserver? observer = null, CancellationToken cancellationToken = default)
+        HiddenStateObserver? observer = null, CancellationToken cancellationToken = default, LoraAdapter? adapter = null)
     {
         int batch = cache.Batch, rows = batch * newTokens, h = _config.HiddenSize;
         int heads = _config.NumAttentionHeads, kvHeads = _config.NumKeyValueHeads, headDim = _config.HeadDim;
@@ -121,6 +126,8 @@ public sealed class GemmaDecoder
             throw new ArgumentOutOfRangeException(nameof(prefixLength), prefixLength, $"the prefix cannot reach past the {end} positions written");
         if (cache.Layers != _layers.Length || cache.KvWidth != kvWidth)
             throw new ArgumentException($"the cache was made for {cache.Layers} layers of {cache.KvWidth} floats, not this decoder's {_layers.Length} of {kvWidth}", nameof(cache));
+        if (adapter is not null && !ReferenceEquals(adapter.BaseModel.Decoder, this))
+            throw new ArgumentException($"LoRA adapter '{adapter.Directory}' was loaded for another model", nameof(adapter));
 
         float[] normed = new float[rows * h], q = new float[rows * qWidth], k = new float[rows * kvWidth], v = new float[rows * kvWidth];
         float[] attn = new float[rows * qWidth], gate = new float[rows * inner], up = new float[rows * inner];
@@ -133,9 +140,9 @@ public sealed class GemmaDecoder
             cancellationToken.ThrowIfCancellationRequested();
             var layer = _layers[li];
             Norms.RmsNorm(hidden, normed, rows, h, layer.InputNorm, eps, unitOffset: true);
-            layer.Q.Forward(normed, rows, q);
-            layer.K.Forward(normed, rows, k);
-            layer.V.Forward(normed, rows, v);
+            layer.Q.Forward(normed, rows, q, adapter);
+            layer.K.Forward(normed, rows, k, adapter);
+            layer.V.Forward(normed, rows, v, adapter);
             Rope.Apply(q, rows, heads, headDim, qWidth, positions, _config.RopeTheta);
             Rope.Apply(k, rows, kvHeads, headDim, kvWidth, positions, _config.RopeTheta);
             for (int b = 0; b < batch; b++)
@@ -152,16 +159,16 @@ public sealed class GemmaDecoder
                 attention.Store(cache, li, b, k.AsSpan(b * newTokens * kvWidth, newTokens * kvWidth),
                     v.AsSpan(b * newTokens * kvWidth, newTokens * kvWidth));
             }
-            layer.O.Forward(attn, rows, normed);
+            layer.O.Forward(attn, rows, normed, adapter);
             if (layer.AttentionOutputNorm is { } attentionOutputNorm)
                 Norms.RmsNorm(normed, normed, rows, h, attentionOutputNorm, eps, unitOffset: true);
             TensorPrimitives.Add(hidden, normed, hidden);
 
             Norms.RmsNorm(hidden, normed, rows, h, layer.FeedForwardInputNorm, eps, unitOffset: true);
-            layer.Gate.Forward(normed, rows, gate);
-            layer.Up.Forward(normed, rows, up);
+            layer.Gate.Forward(normed, rows, gate, adapter);
+            layer.Up.Forward(normed, rows, up, adapter);
             Activations.GeluTanhMul(gate, up, gate);
-            layer.Down.Forward(gate, rows, normed);
+            layer.Down.Forward(gate, rows, normed, adapter);
             if (layer.FeedForwardOutputNorm is { } feedForwardOutputNorm)
                 Norms.RmsNorm(normed, normed, rows, h, feedForwardOutputNorm, eps, unitOffset: true);
             TensorPrimitives.Add(hidden, normed, hidden);

@@ -29,6 +29,8 @@ public static class Program
           --top-p P              sample within probability mass P (1 = off, default)
           --seed S               sampling seed (default 0)
           --tokenizer FILE       tokenizer.model to use instead of the one in the model folder
+          --adapter DIR          PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), applied at run time
+          --merge-adapter        merge the --adapter into the weights at load instead (fp32 copies of the adapted matrices)
           --json                 print one JSON object: text, ids and timings
           --logits-out FILE.npy  write every generated step's logits as float32 [steps, vocab]
           --quiet                no progress on stderr
