@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Publishes the NativeAOT `paligemma` binary and runs it on every single-image golden sample, comparing the
-# generated ids with the transformers reference in tests/golden/*/cases.json. Usage: scripts/aot-golden-check.sh [out-dir]
+# generated ids with the transformers reference in tests/golden/*/cases.json (PaliGemma 1) and tests/golden-pg2/*/cases.json
+# (PaliGemma 2). Usage: scripts/aot-golden-check.sh [out-dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-out/aot}"
@@ -9,8 +10,8 @@ echo "binary: $out/paligemma ($(stat -c %s "$out/paligemma") bytes)"
 python3 - "$out/paligemma" <<'PY'
 import json, subprocess, sys
 binary, failures, runs = sys.argv[1], 0, 0
-for case in json.load(open("tests/golden/index.json"))["cases"]:
-    folder = f"tests/golden/{case}"
+for root, case in [(r, c) for r in ("tests/golden", "tests/golden-pg2") for c in json.load(open(f"{r}/index.json"))["cases"]]:
+    folder = f"{root}/{case}"
     for s in json.load(open(f"{folder}/cases.json"))["samples"]:
         if s.get("batch") or s.get("suffix_case"):
             continue

@@ -18,6 +18,19 @@ public static unsafe class Activations
     /// <summary>GeGLU: y = gelu_tanh(gate) * up. up must match gate's length; y must hold at least that many floats.</summary>
     public static void GeluTanhMul(ReadOnlySpan<float> gate, ReadOnlySpan<float> up, Span<float> y) => GeluTanhMul(gate, up, y, SimdWidths.Best);
 
+    /// <summary>Soft-cap: y = cap · tanh(x / cap) (Gemma 2 attention scores and final logits). y may be x.</summary>
+    public static void SoftCap(ReadOnlySpan<float> x, Span<float> y, float cap)
+    {
+        if (y.Length < x.Length)
+            throw new ArgumentException($"y holds {y.Length} floats; x has {x.Length}", nameof(y));
+        if (!(cap > 0f) || float.IsInfinity(cap))
+            throw new ArgumentOutOfRangeException(nameof(cap), cap, "the soft-cap must be positive and finite");
+        y = y[..x.Length];
+        System.Numerics.Tensors.TensorPrimitives.Divide(x, cap, y);
+        System.Numerics.Tensors.TensorPrimitives.Tanh(y, y);
+        System.Numerics.Tensors.TensorPrimitives.Multiply(y, cap, y);
+    }
+
     internal static void GeluTanh(ReadOnlySpan<float> x, Span<float> y, SimdWidth width)
     {
         if (y.Length < x.Length)

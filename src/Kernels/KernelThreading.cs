@@ -31,8 +31,12 @@ public static class KernelThreading
                 body.Run(i);
             return;
         }
-        Parallel.For(0, count, options, i => body.Run(i));
+        RunParallel(count, options, body);
     }
+
+    // Its own method: a lambda capturing a parameter allocates its closure at method entry, which would tax the serial path too.
+    private static void RunParallel<TBody>(int count, ParallelOptions options, TBody body) where TBody : struct, IWorkItems =>
+        Parallel.For(0, count, options, i => body.Run(i));
 }
 
 /// <summary>A batch of independent work items; a struct so the serial path allocates nothing.</summary>

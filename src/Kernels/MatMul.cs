@@ -32,8 +32,20 @@ public static unsafe class MatMul
     public static void Multiply(ReadOnlySpan<float> x, int rows, in WeightMatrix w, ReadOnlySpan<float> bias, Span<float> y) =>
         Multiply(x, rows, w, bias, y, SimdWidths.Best.FitTo(w.Cols));
 
+    /// <summary>
+    /// As <see cref="Multiply(ReadOnlySpan{float}, int, in WeightMatrix, ReadOnlySpan{float}, Span{float})"/>, then
+    /// y = cap · tanh(y / cap) (Gemma 2's final-logit soft-cap), applied to each output tile as soon as it is complete,
+    /// while it is still in cache. A cap of 0 means none.
+    /// </summary>
+    public static void Multiply(ReadOnlySpan<float> x, int rows, in WeightMatrix w, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap)
+    {
+        if (!(outputSoftCap >= 0f) || float.IsInfinity(outputSoftCap))
+            throw new ArgumentOutOfRangeException(nameof(outputSoftCap), outputSoftCap, "the soft-cap must be 0 (none) or positive and finite");
+        Multiply(x, rows, w, bias, y, SimdWidths.Best.FitTo(w.Cols), outputSoftCap);
+    }
+
     /// <summary>As the public overload, with the vector width chosen by the caller (tests run every width).</summary>
-    internal static void Multiply(ReadOnlySpan<float> x, int rows, in WeightMatrix w, ReadOnlySpan<float> bias, Span<float> y, SimdWidth width)
+    internal static void Multiply(ReadOnlySpan<float> x, int rows, in WeightMatrix w, ReadOnlySpan<float> bias, Span<float> y, SimdWidth width, float outputSoftCap = 0f)
     {
         if (w.Data == null)
             throw new ArgumentException("the weight matrix is uninitialised (default WeightMatrix)", nameof(w));
@@ -52,7 +64,7 @@ public static unsafe class MatMul
         fixed (float* bp = bias)
         fixed (float* yp = y)
         {
-            var shape = new Shape(xp, (byte*)w.Data, bias.IsEmpty ? null : bp, yp, rows, n, k);
+            var shape = new Shape(xp, (byte*)w.Data, bias.IsEmpty ? null : bp, yp, rows, n, k, outputSoftCap);
             switch (width)
             {
                 case SimdWidth.Vector512: Run<Simd512, Vector512<float>>(shape, w.DType); break;
@@ -63,8 +75,9 @@ public static unsafe class MatMul
         }
     }
 
-    private readonly struct Shape(float* x, byte* w, float* bias, float* y, int rows, int n, int k)
+    private readonly struct Shape(float* x, byte* w, float* bias, float* y, int rows, int n, int k, float softCap)
     {
+        public readonly float SoftCap = softCap;
         public readonly float* X = x;
         public readonly byte* W = w;
         public readonly float* Bias = bias;
@@ -139,6 +152,14 @@ public static unsafe class MatMul
                         {
                             Block<TOps, TVec, TReader>.Sweep(shape, shape.W + n0 * wStride, wStride, m0, m1, n0, n1, k0, k1, sums);
                         }
+                    }
+                }
+                if (shape.SoftCap > 0f)
+                {
+                    for (int m = m0; m < m1; m++)
+                    {
+                        var tileRow = new Span<float>(shape.Y + (nint)m * shape.N + n0, n1 - n0);
+                        Activations.SoftCap(tileRow, tileRow, shape.SoftCap);
                     }
                 }
             }

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using PaliGemma.CpuOnly.Model.Imaging;
+using PaliGemma.CpuOnly.Model.Lora;
 using PaliGemma.CpuOnly.Model.Text;
 
 namespace PaliGemma.CpuOnly.Model;
@@ -13,6 +14,11 @@ public sealed record GenerationOptions
     public SamplingOptions Sampling { get; init; } = new();
     /// <summary>Keep the logits of every generated step (for --logits-out and reference checks).</summary>
     public bool KeepStepLogits { get; init; }
+    /// <summary>
+    /// A run-time LoRA adapter (from <see cref="PaliGemmaModel.LoadAdapter"/> of the same model) used for this request's
+    /// vision tower and decoder; null runs the model's own weights. One loaded model serves any number of adapters.
+    /// </summary>
+    public LoraAdapter? Adapter { get; init; }
 
     public void Validate()
     {
@@ -91,7 +97,7 @@ public sealed class PaliGemmaGenerator
         var tokenizer = _model.Tokenizer;
         timings ??= new GenerationTimings();
         var clock = Stopwatch.StartNew();
-        float[] features = _model.EncodeImages(pixels, batch, null, cancellationToken);
+        float[] features = _model.EncodeImages(pixels, batch, null, cancellationToken, options.Adapter);
         timings.Vision = clock.Elapsed;
 
         var (ids, mask) = PaliGemmaTokenizer.PadLeft(prompts, tokenizer.PadId);
@@ -100,7 +106,7 @@ public sealed class PaliGemmaGenerator
         if (capacity > _model.Config.Text.MaxPositionEmbeddings)
             throw new ArgumentException($"the prompt ({tokens} tokens with {imageTokens} image tokens) plus {options.MaxNewTokens} new tokens exceeds the model's {_model.Config.Text.MaxPositionEmbeddings} positions", nameof(prompts));
 
-        var session = new PaliGemmaSession(_model, batch, capacity);
+        var session = new PaliGemmaSession(_model, batch, capacity, options.Adapter);
         int vocab = session.VocabSize;
         var logits = new float[batch * vocab];
         clock.Restart();
@@ -170,20 +176,21 @@ public sealed class PaliGemmaGenerator
     /// Mean cross-entropy of <paramref name="suffix"/> (followed by &lt;eos&gt;) given the image and prompt, with the prompt
     /// attending bidirectionally and the suffix causally (the training-time mask). Lower means more likely; use it to rank answers.
     /// </summary>
-    public double Score(RgbImage image, string prompt, string suffix, CancellationToken cancellationToken = default)
+    public double Score(RgbImage image, string prompt, string suffix, CancellationToken cancellationToken = default, LoraAdapter? adapter = null)
     {
         var (prefix, suffixIds) = _model.Tokenizer.BuildPromptWithSuffix(prompt, suffix, _model.NumImageTokens);
-        return Score(_model.Preprocess(image), prefix, suffixIds, out _, cancellationToken);
+        return Score(_model.Preprocess(image), prefix, suffixIds, out _, cancellationToken, adapter);
     }
 
     /// <summary>Scores token ids directly; <paramref name="logits"/> receives [prefix+suffix, vocab].</summary>
-    public double Score(float[] pixelValues, int[] prefix, int[] suffix, out float[] logits, CancellationToken cancellationToken = default)
+    public double Score(float[] pixelValues, int[] prefix, int[] suffix, out float[] logits, CancellationToken cancellationToken = default,
+        LoraAdapter? adapter = null)
     {
         if (suffix.Length == 0) throw new ArgumentException("the suffix is empty", nameof(suffix));
         int total = prefix.Length + suffix.Length, vocab = _model.Decoder.VocabSize;
         int[] ids = [.. prefix, .. suffix];
-        float[] features = _model.EncodeImages(pixelValues, 1, null, cancellationToken);
-        var session = new PaliGemmaSession(_model, 1, total);
+        float[] features = _model.EncodeImages(pixelValues, 1, null, cancellationToken, adapter);
+        var session = new PaliGemmaSession(_model, 1, total, adapter);
         logits = new float[total * vocab];
         session.Prefill(ids, default, total, features, logits, new PrefillOptions { AllLogits = true, PrefixLength = prefix.Length }, cancellationToken);
 

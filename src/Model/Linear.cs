@@ -1,4 +1,5 @@
 using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Model.Lora;
 using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Model;
@@ -6,13 +7,18 @@ namespace PaliGemma.CpuOnly.Model;
 /// <summary>A dense layer y = x·Wᵀ + b whose weight stays in the mapped checkpoint in its stored dtype.</summary>
 public sealed class Linear
 {
-    private readonly WeightMatrix _weight;
+    private WeightMatrix _weight;
     private readonly float[] _bias;
+    // A merged LoRA weight: a private pinned fp32 array that _weight points into (null while the checkpoint's is used).
+    private float[]? _ownedWeight;
 
-    public Linear(WeightMatrix weight, float[]? bias)
+    public Linear(WeightMatrix weight, float[]? bias) : this(weight, bias, "") { }
+
+    public Linear(WeightMatrix weight, float[]? bias, string name)
     {
         _weight = weight;
         _bias = bias ?? [];
+        Name = name;
     }
 
     /// <summary>Loads <c>{prefix}.weight</c> [outFeatures, inFeatures] and, when <paramref name="hasBias"/>, <c>{prefix}.bias</c>.</summary>
@@ -20,14 +26,39 @@ public sealed class Linear
     {
         var weight = checkpoint.Require(prefix + ".weight", [outFeatures, inFeatures]);
         float[]? bias = hasBias ? checkpoint.Require(prefix + ".bias", [outFeatures]).ToFloatArray() : null;
-        return new Linear(WeightMatrix.FromTensor(weight), bias);
+        return new Linear(WeightMatrix.FromTensor(weight), bias, prefix);
     }
 
     public int InFeatures => _weight.Cols;
     public int OutFeatures => _weight.Rows;
     public WeightMatrix Weight => _weight;
+    /// <summary>The module path in the hub checkpoint (the weight's name without <c>.weight</c>), empty when built directly.</summary>
+    public string Name { get; }
+    /// <summary>True when a LoRA adapter was merged into a private fp32 copy of the weight at load.</summary>
+    public bool HasMergedWeight => _ownedWeight is not null;
+
+    /// <summary>Index of this layer among the model's adaptable layers; LoRA adapters look their modules up by it (-1: not adaptable).</summary>
+    internal int AdapterSlot { get; set; } = -1;
 
     public void Forward(ReadOnlySpan<float> x, int rows, Span<float> y) => MatMul.Multiply(x, rows, _weight, _bias, y);
+
+    /// <summary>y = x·Wᵀ + b, plus the low-rank term of <paramref name="adapter"/> when it adapts this layer.</summary>
+    public void Forward(ReadOnlySpan<float> x, int rows, Span<float> y, LoraAdapter? adapter)
+    {
+        MatMul.Multiply(x, rows, _weight, _bias, y);
+        if (adapter is not null && AdapterSlot >= 0) adapter.ModuleAt(AdapterSlot)?.AddDelta(x, rows, y);
+    }
+
+    /// <summary>Points the layer at a merged fp32 weight; only called while the model is being loaded.</summary>
+    internal unsafe void UseMergedWeight(float[] pinnedWeight)
+    {
+        if (pinnedWeight.Length != (long)_weight.Rows * _weight.Cols)
+            throw new ArgumentException($"merged weight for '{Name}' holds {pinnedWeight.Length} floats, {(long)_weight.Rows * _weight.Cols} needed", nameof(pinnedWeight));
+        // The array lives on the pinned object heap, so the pointer stays valid for as long as this layer holds it.
+        var data = (float*)System.Runtime.CompilerServices.Unsafe.AsPointer(ref System.Runtime.InteropServices.MemoryMarshal.GetArrayDataReference(pinnedWeight));
+        _weight = new WeightMatrix(data, DType.F32, _weight.Rows, _weight.Cols);
+        _ownedWeight = pinnedWeight;
+    }
 }
 
 /// <summary>Norm weights are tiny; they are read once into fp32 arrays (not part of the "no fp32 copy" rule for matrices).</summary>

@@ -4,8 +4,9 @@ using System.Text.Json.Serialization;
 namespace PaliGemma.CpuOnly.Model;
 
 /// <summary>
-/// The parts of a Hugging Face PaliGemma <c>config.json</c> the runtime uses, with the defaults transformers (4.45) applies
-/// to keys the file omits: PaliGemmaConfig, GemmaConfig and SiglipVisionConfig constructors.
+/// The parts of a Hugging Face PaliGemma <c>config.json</c> the runtime uses, with the defaults transformers applies to keys
+/// the file omits: PaliGemmaConfig, SiglipVisionConfig and, by <c>text_config.model_type</c>, GemmaConfig (PaliGemma 1,
+/// as in 4.45) or Gemma2Config (PaliGemma 2, as in 4.47).
 /// </summary>
 public sealed record PaliGemmaConfig
 {
@@ -73,7 +74,7 @@ public sealed record PaliGemmaConfig
         var rt = raw.TextConfig;
         TextConfig text = rt is null
             ? new TextConfig { ModelType = "gemma", HiddenSize = 2048, NumHiddenLayers = 18, IntermediateSize = 16384, NumAttentionHeads = 8, NumKeyValueHeads = 1, HeadDim = 256, VocabSize = topVocab, RmsNormEps = 1e-6f, RopeTheta = 10000f, HiddenActivation = "gelu_pytorch_tanh", MaxPositionEmbeddings = 8192 }
-            : new TextConfig
+            : rt.ModelType == "gemma2" ? Gemma2Text(rt, raw, source) : new TextConfig
             {
                 ModelType = rt.ModelType ?? "gemma",
                 HiddenSize = rt.HiddenSize ?? 3072,
@@ -106,6 +107,39 @@ public sealed record PaliGemmaConfig
         return config;
     }
 
+    /// <summary>Gemma2Config (transformers 4.47) defaults: the Gemma 2 2B shape, window 4096, soft-caps 50 / 30.</summary>
+    private static TextConfig Gemma2Text(RawTextConfig rt, RawPaliGemmaConfig raw, string source) => new()
+    {
+        ModelType = "gemma2",
+        HiddenSize = rt.HiddenSize ?? 2304,
+        NumHiddenLayers = rt.NumHiddenLayers ?? 26,
+        IntermediateSize = rt.IntermediateSize ?? 9216,
+        NumAttentionHeads = rt.NumAttentionHeads ?? 8,
+        NumKeyValueHeads = rt.NumKeyValueHeads ?? 4,
+        HeadDim = rt.HeadDim ?? 256,
+        VocabSize = rt.VocabSize ?? 256000,
+        RmsNormEps = (float)(rt.RmsNormEps ?? 1e-6),
+        RopeTheta = (float)(rt.RopeTheta ?? 10000.0),
+        // Gemma2Config reads hidden_activation only (hidden_act is not a fallback there).
+        HiddenActivation = rt.HiddenActivation ?? "gelu_pytorch_tanh",
+        MaxPositionEmbeddings = rt.MaxPositionEmbeddings ?? 8192,
+        AttentionBias = rt.AttentionBias ?? false,
+        TieWordEmbeddings = rt.TieWordEmbeddings ?? raw.TieWordEmbeddings ?? true,
+        QueryPreAttnScalar = (float)(rt.QueryPreAttnScalar ?? 256.0),
+        SlidingWindow = rt.SlidingWindow ?? 4096,
+        AttnLogitSoftcapping = OptionalCap(rt.AttnLogitSoftcapping, 50.0, "text_config.attn_logit_softcapping", source),
+        FinalLogitSoftcapping = OptionalCap(rt.FinalLogitSoftcapping, 30.0, "text_config.final_logit_softcapping", source),
+    };
+
+    // Absent: the default; JSON null: no soft-cap (transformers skips the cap when the value is None).
+    private static float? OptionalCap(JsonElement value, double defaultValue, string key, string source) => value.ValueKind switch
+    {
+        JsonValueKind.Undefined => (float)defaultValue,
+        JsonValueKind.Null => null,
+        JsonValueKind.Number => (float)value.GetDouble(),
+        _ => throw new InvalidDataException($"'{source}': {key} must be a number or null, got {value.ValueKind}"),
+    };
+
     /// <summary>Checks the values the runtime depends on; errors name the key.</summary>
     public void Validate(string source)
     {
@@ -127,8 +161,8 @@ public sealed record PaliGemmaConfig
         if (Vision.HiddenAct != "gelu_pytorch_tanh")
             throw new InvalidDataException($"'{source}': vision_config.hidden_act '{Vision.HiddenAct}' is not supported (gelu_pytorch_tanh)");
 
-        if (Text.ModelType != "gemma")
-            throw new InvalidDataException($"'{source}': text_config.model_type '{Text.ModelType}' is not supported yet (this runtime runs the Gemma 1 decoder of PaliGemma 1)");
+        if (Text.ModelType is not ("gemma" or "gemma2"))
+            throw new InvalidDataException($"'{source}': text_config.model_type '{Text.ModelType}' is not supported (gemma for PaliGemma 1, gemma2 for PaliGemma 2)");
         Positive(source, "text_config.hidden_size", Text.HiddenSize);
         Positive(source, "text_config.num_hidden_layers", Text.NumHiddenLayers);
         Positive(source, "text_config.intermediate_size", Text.IntermediateSize);
@@ -140,6 +174,18 @@ public sealed record PaliGemmaConfig
         if (Text.NumAttentionHeads % Text.NumKeyValueHeads != 0)
             throw new InvalidDataException($"'{source}': text_config.num_attention_heads {Text.NumAttentionHeads} is not a multiple of num_key_value_heads {Text.NumKeyValueHeads}");
         if (Text.HeadDim % 2 != 0) throw new InvalidDataException($"'{source}': text_config.head_dim {Text.HeadDim} must be even for rotary embeddings");
+        if (Text.IsGemma2)
+        {
+            Positive(source, "text_config.sliding_window", Text.SlidingWindow ?? 0);
+            if (!(Text.QueryPreAttnScalar > 0f) || !float.IsFinite(Text.QueryPreAttnScalar ?? 0f))
+                throw new InvalidDataException($"'{source}': text_config.query_pre_attn_scalar must be positive, got {Text.QueryPreAttnScalar}");
+            if (Text.AttnLogitSoftcapping is { } attnCap && !(attnCap > 0f && float.IsFinite(attnCap)))
+                throw new InvalidDataException($"'{source}': text_config.attn_logit_softcapping must be positive or null, got {attnCap}");
+            if (Text.FinalLogitSoftcapping is { } finalCap && !(finalCap > 0f && float.IsFinite(finalCap)))
+                throw new InvalidDataException($"'{source}': text_config.final_logit_softcapping must be positive or null, got {finalCap}");
+            if (Text.HiddenActivation != "gelu_pytorch_tanh")
+                throw new InvalidDataException($"'{source}': text_config.hidden_activation '{Text.HiddenActivation}' is not supported (gelu_pytorch_tanh)");
+        }
         if (Text.HiddenActivation is not ("gelu_pytorch_tanh" or "gelu"))
             throw new InvalidDataException($"'{source}': text_config.hidden_activation '{Text.HiddenActivation}' is not supported (gelu_pytorch_tanh)");
         if (ProjectionDim != Text.HiddenSize)
@@ -182,6 +228,25 @@ public sealed record TextConfig
     public int MaxPositionEmbeddings { get; init; }
     public bool AttentionBias { get; init; }
     public bool TieWordEmbeddings { get; init; } = true;
+
+    // Gemma 2 only (null for Gemma 1).
+    /// <summary>Attention scores are scaled by QueryPreAttnScalar^-0.5 instead of HeadDim^-0.5.</summary>
+    public float? QueryPreAttnScalar { get; init; }
+    /// <summary>Even layers attend only keys j &gt; i − SlidingWindow (the past is limited; later prefix keys stay visible).</summary>
+    public int? SlidingWindow { get; init; }
+    /// <summary>scores = cap · tanh(scores / cap) before the mask and softmax; null for none.</summary>
+    public float? AttnLogitSoftcapping { get; init; }
+    /// <summary>logits = cap · tanh(logits / cap); null for none.</summary>
+    public float? FinalLogitSoftcapping { get; init; }
+
+    /// <summary>Gemma 2 decoder: four norms per layer, sliding/global alternation, soft-caps.</summary>
+    public bool IsGemma2 => ModelType == "gemma2";
+
+    /// <summary>The factor attention scores are multiplied by.</summary>
+    public float AttentionScale => 1f / MathF.Sqrt(QueryPreAttnScalar ?? HeadDim);
+
+    /// <summary>The sliding window of <paramref name="layer"/>, or 0 when it attends globally: Gemma 2 slides on even layers.</summary>
+    public int LayerWindow(int layer) => IsGemma2 && layer % 2 == 0 ? SlidingWindow ?? 0 : 0;
 }
 
 // The JSON as written; every key optional so defaults can be applied exactly where the file is silent.
@@ -234,6 +299,11 @@ internal sealed class RawTextConfig
     [JsonPropertyName("bos_token_id")] public int? BosTokenId { get; set; }
     [JsonPropertyName("eos_token_id")] public int? EosTokenId { get; set; }
     [JsonPropertyName("pad_token_id")] public int? PadTokenId { get; set; }
+    [JsonPropertyName("query_pre_attn_scalar")] public double? QueryPreAttnScalar { get; set; }
+    [JsonPropertyName("sliding_window")] public int? SlidingWindow { get; set; }
+    // JsonElement keeps "absent" (Undefined: default applies) apart from an explicit null (no soft-cap).
+    [JsonPropertyName("attn_logit_softcapping")] public JsonElement AttnLogitSoftcapping { get; set; }
+    [JsonPropertyName("final_logit_softcapping")] public JsonElement FinalLogitSoftcapping { get; set; }
 }
 
 [JsonSourceGenerationOptions(ReadCommentHandling = JsonCommentHandling.Skip, AllowTrailingCommas = true, NumberHandling = JsonNumberHandling.AllowReadingFromString)]

@@ -1,4 +1,6 @@
+using System.Collections.Concurrent;
 using System.Diagnostics;
+using PaliGemma.CpuOnly.Model.Lora;
 using PaliGemma.CpuOnly.Model.Imaging;
 using PaliGemma.CpuOnly.Model.Text;
 using PaliGemma.CpuOnly.Tensors;
@@ -14,6 +16,19 @@ public sealed class VisionTrace
     public float[]? ProjectorOutput { get; set; }
 }
 
+/// <summary>Options for <see cref="PaliGemmaModel.Load(string, PaliGemmaLoadOptions)"/>.</summary>
+public sealed record PaliGemmaLoadOptions
+{
+    /// <summary>tokenizer.model to use instead of the one in the folder (for weight-only folders).</summary>
+    public string? TokenizerPath { get; init; }
+
+    /// <summary>
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to merge at load:
+    /// W' = W + scaling·B·A is written into private fp32 copies of only the adapted matrices; the rest stays mapped.
+    /// </summary>
+    public string? MergeAdapterDirectory { get; init; }
+}
+
 /// <summary>
 /// A loaded PaliGemma checkpoint: config, tokenizer, SigLIP tower, projector and Gemma decoder over memory-mapped weights.
 /// Immutable after loading and safe to share between threads; per-request state lives in <see cref="KvCache"/>s.
@@ -21,6 +36,9 @@ public sealed class VisionTrace
 public sealed class PaliGemmaModel : IDisposable
 {
     private readonly SafetensorsCheckpoint _checkpoint;
+    private readonly Linear[] _adaptableLinears;
+    private readonly Dictionary<string, Linear> _linearByName;
+    private readonly ConcurrentDictionary<string, Lazy<LoraAdapter>> _adapters = new(StringComparer.Ordinal);
 
     private PaliGemmaModel(string directory, PaliGemmaConfig config, SafetensorsCheckpoint checkpoint, PaliGemmaTokenizer tokenizer, TimeSpan loadTime)
     {
@@ -32,6 +50,15 @@ public sealed class PaliGemmaModel : IDisposable
         Projector = new MultiModalProjector(config.Vision.HiddenSize, config.ProjectionDim, checkpoint);
         Decoder = new GemmaDecoder(config.Text, checkpoint);
         LoadTime = loadTime;
+
+        // Every dense layer a LoRA adapter may target gets a slot; adapters keep their modules in slot order.
+        _adaptableLinears = [.. Vision.Linears, Projector.Linear, .. Decoder.Linears];
+        _linearByName = new Dictionary<string, Linear>(_adaptableLinears.Length, StringComparer.Ordinal);
+        for (int i = 0; i < _adaptableLinears.Length; i++)
+        {
+            _adaptableLinears[i].AdapterSlot = i;
+            _linearByName.Add(_adaptableLinears[i].Name, _adaptableLinears[i]);
+        }
     }
 
     public string Directory { get; }
@@ -42,6 +69,13 @@ public sealed class PaliGemmaModel : IDisposable
     public GemmaDecoder Decoder { get; }
     public TimeSpan LoadTime { get; private set; }
 
+    /// <summary>The adapter merged into the weights at load (<see cref="PaliGemmaLoadOptions.MergeAdapterDirectory"/>), or null.</summary>
+    public LoraAdapter? MergedAdapter { get; private set; }
+
+    /// <summary>Dense layers LoRA may adapt, by hub module path (e.g. <c>language_model.model.layers.0.self_attn.q_proj</c>).</summary>
+    internal IReadOnlyDictionary<string, Linear> LinearsByName => _linearByName;
+    internal int AdapterSlotCount => _adaptableLinears.Length;
+
     public int ImageSize => Config.Vision.ImageSize;
     public int NumImageTokens => Config.NumImageTokens;
 
@@ -50,8 +84,14 @@ public sealed class PaliGemmaModel : IDisposable
     /// Every tensor the model needs is checked for presence and shape; weights stay memory-mapped.
     /// </summary>
     /// <param name="tokenizerPath">tokenizer.model to use instead of the one in the folder (for weight-only folders).</param>
-    public static PaliGemmaModel Load(string directory, string? tokenizerPath = null)
+    public static PaliGemmaModel Load(string directory, string? tokenizerPath = null) =>
+        Load(directory, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath });
+
+    /// <summary>Opens a PaliGemma folder as <see cref="Load(string, string?)"/> does, optionally merging a LoRA adapter into it.</summary>
+    public static PaliGemmaModel Load(string directory, PaliGemmaLoadOptions options)
     {
+        ArgumentNullException.ThrowIfNull(options);
+        string? tokenizerPath = options.TokenizerPath;
         var clock = Stopwatch.StartNew();
         if (!System.IO.Directory.Exists(directory))
             throw new DirectoryNotFoundException($"'{directory}': model folder not found");
@@ -69,6 +109,12 @@ public sealed class PaliGemmaModel : IDisposable
         try
         {
             var model = new PaliGemmaModel(directory, config, checkpoint, tokenizer, TimeSpan.Zero);
+            if (options.MergeAdapterDirectory is { } adapterDirectory)
+            {
+                var adapter = LoraAdapter.Load(adapterDirectory, model);
+                adapter.MergeInto(model);
+                model.MergedAdapter = adapter;
+            }
             model.LoadTime = clock.Elapsed;
             return model;
         }
@@ -86,13 +132,16 @@ public sealed class PaliGemmaModel : IDisposable
     /// Image features for the decoder [B, image tokens, text hidden]: SigLIP, projector, then divided by sqrt(text hidden) as
     /// the reference does before the decoder multiplies all embeddings by sqrt(hidden).
     /// </summary>
-    public float[] EncodeImages(ReadOnlySpan<float> pixelValues, int images, VisionTrace? trace = null, CancellationToken cancellationToken = default)
+    /// <param name="adapter">A run-time LoRA adapter loaded for this model (<see cref="LoadAdapter"/>), or null for the base weights.</param>
+    public float[] EncodeImages(ReadOnlySpan<float> pixelValues, int images, VisionTrace? trace = null, CancellationToken cancellationToken = default,
+        LoraAdapter? adapter = null)
     {
+        CheckAdapter(adapter);
         int tokens = NumImageTokens, vh = Config.Vision.HiddenSize, th = Config.Text.HiddenSize;
         var visionStates = new float[images * tokens * vh];
-        Vision.Encode(pixelValues, images, visionStates, cancellationToken);
+        Vision.Encode(pixelValues, images, visionStates, cancellationToken, adapter);
         var features = new float[images * tokens * th];
-        Projector.Forward(visionStates, images * tokens, features);
+        Projector.Forward(visionStates, images * tokens, features, adapter);
         if (trace is not null)
         {
             trace.LastHiddenState = visionStates;
@@ -102,6 +151,40 @@ public sealed class PaliGemmaModel : IDisposable
         for (int i = 0; i < features.Length; i++) features[i] /= divisor;
         return features;
     }
+
+    /// <summary>
+    /// Loads a PEFT LoRA adapter folder for run-time use with this model, once: later calls with the same folder
+    /// (compared by full path) return the same instance. Adapters are picked per request
+    /// (<see cref="GenerationOptions.Adapter"/>, <see cref="PaliGemmaSession"/>); the base weights are shared.
+    /// </summary>
+    public LoraAdapter LoadAdapter(string adapterDirectory)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(adapterDirectory);
+        string key = Path.GetFullPath(adapterDirectory).TrimEnd(Path.DirectorySeparatorChar, Path.AltDirectorySeparatorChar);
+        var lazy = _adapters.GetOrAdd(key, k => new Lazy<LoraAdapter>(() => LoraAdapter.Load(k, this)));
+        try
+        {
+            return lazy.Value;
+        }
+        catch
+        {
+            // A failed load is not cached: the folder may be fixed and tried again.
+            _adapters.TryRemove(new KeyValuePair<string, Lazy<LoraAdapter>>(key, lazy));
+            throw;
+        }
+    }
+
+    /// <summary>Throws unless <paramref name="adapter"/> is null or a run-time adapter loaded against this model.</summary>
+    internal void CheckAdapter(LoraAdapter? adapter)
+    {
+        if (adapter is null) return;
+        if (!ReferenceEquals(adapter.BaseModel, this))
+            throw new ArgumentException($"LoRA adapter '{adapter.Directory}' was loaded for another model instance ('{adapter.BaseModel.Directory}'); load it with this model's LoadAdapter", nameof(adapter));
+        if (ReferenceEquals(adapter, MergedAdapter))
+            throw new ArgumentException($"LoRA adapter '{adapter.Directory}' is already merged into this model's weights; applying it again at run time would add it twice", nameof(adapter));
+    }
+
+    internal Linear AdaptableLinear(int slot) => _adaptableLinears[slot];
 
     public void Dispose() => _checkpoint.Dispose();
 }

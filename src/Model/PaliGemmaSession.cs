@@ -1,3 +1,5 @@
+using PaliGemma.CpuOnly.Model.Lora;
+
 namespace PaliGemma.CpuOnly.Model;
 
 /// <summary>Options for <see cref="PaliGemmaSession.Prefill"/>.</summary>
@@ -24,9 +26,15 @@ public sealed class PaliGemmaSession
     private float[] _decodeHidden = [];
     private int[] _decodePositions = [];
 
-    public PaliGemmaSession(PaliGemmaModel model, int batch, int capacity)
+    /// <param name="adapter">
+    /// A run-time LoRA adapter loaded for <paramref name="model"/> that this request uses, or null for the base weights.
+    /// Encode the request's images with the same adapter (<see cref="PaliGemmaModel.EncodeImages"/>): it adapts the vision tower too.
+    /// </param>
+    public PaliGemmaSession(PaliGemmaModel model, int batch, int capacity, LoraAdapter? adapter = null)
     {
+        model.CheckAdapter(adapter);
         _model = model;
+        Adapter = adapter;
         _cache = model.Decoder.CreateCache(batch, capacity);
         _realTokens = new int[batch];
     }
@@ -36,6 +44,8 @@ public sealed class PaliGemmaSession
     public int Length => _cache.Length;
     public int VocabSize => _model.Decoder.VocabSize;
     public KvCache Cache => _cache;
+    /// <summary>The run-time LoRA adapter every forward of this session applies, or null.</summary>
+    public LoraAdapter? Adapter { get; }
 
     /// <summary>
     /// Runs the prompt: <paramref name="ids"/> and <paramref name="mask"/> are [rows, tokens] (left-padded, mask 0 on pads);
@@ -91,7 +101,7 @@ public sealed class PaliGemmaSession
             explicitPositions.CopyTo(positions, 0);
         }
 
-        decoder.Forward(hidden, tokens, positions, _cache, options?.PrefixLength ?? tokens, options?.Observer, cancellationToken);
+        decoder.Forward(hidden, tokens, positions, _cache, options?.PrefixLength ?? tokens, options?.Observer, cancellationToken, Adapter);
         if (logitRows == rows)
         {
             decoder.Logits(hidden, rows, logits);
@@ -124,7 +134,7 @@ public sealed class PaliGemmaSession
             _decodePositions[b] = ++_realTokens[b];
             decoder.EmbedToken(nextTokens[b], _decodeHidden.AsSpan(b * h, h));
         }
-        decoder.Forward(_decodeHidden, 1, _decodePositions, _cache, prefixLength: 0, observer: null, cancellationToken);
+        decoder.Forward(_decodeHidden, 1, _decodePositions, _cache, prefixLength: 0, observer: null, cancellationToken, Adapter);
         decoder.Logits(_decodeHidden, batch, logits);
     }
 

@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Model.Lora;
 using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Model;
@@ -54,17 +55,25 @@ public sealed class SigLipVisionTower
     public VisionConfig Config => _config;
     public int TokensPerImage => _config.PatchesPerSide * _config.PatchesPerSide;
 
+    /// <summary>The encoder's dense layers (LoRA targets), layer by layer: q, k, v, out, fc1, fc2.</summary>
+    internal IEnumerable<Linear> Linears =>
+        _layers.SelectMany(static l => new[] { l.Q, l.K, l.V, l.Out, l.Fc1, l.Fc2 });
+
     /// <summary>
     /// Encodes <paramref name="images"/> images given as pixel values [B, 3, S, S] into the last hidden state
     /// [B, tokens, hidden] (after the post LayerNorm), written to <paramref name="output"/>.
     /// </summary>
-    public void Encode(ReadOnlySpan<float> pixelValues, int images, Span<float> output, CancellationToken cancellationToken = default)
+    /// <param name="adapter">A run-time LoRA adapter whose low-rank terms are added to the layers it adapts, or null.</param>
+    public void Encode(ReadOnlySpan<float> pixelValues, int images, Span<float> output, CancellationToken cancellationToken = default,
+        LoraAdapter? adapter = null)
     {
         int s = _config.ImageSize, tokens = TokensPerImage, d = _config.HiddenSize;
         if (pixelValues.Length != images * 3 * s * s)
             throw new ArgumentException($"pixel values hold {pixelValues.Length} floats, {images} image(s) of 3x{s}x{s} need {images * 3 * s * s}", nameof(pixelValues));
         if (output.Length != images * tokens * d)
             throw new ArgumentException($"output holds {output.Length} floats, {images * tokens * d} needed", nameof(output));
+        if (adapter is not null && !ReferenceEquals(adapter.BaseModel.Vision, this))
+            throw new ArgumentException($"LoRA adapter '{adapter.Directory}' was loaded for another model", nameof(adapter));
 
         int rows = images * tokens, inner = _config.IntermediateSize;
         float[] patches = new float[rows * 3 * _config.PatchSize * _config.PatchSize];
@@ -85,9 +94,9 @@ public sealed class SigLipVisionTower
         {
             cancellationToken.ThrowIfCancellationRequested();
             Norms.LayerNorm(h, normed, rows, d, layer.Norm1Weight, layer.Norm1Bias, _config.LayerNormEps);
-            layer.Q.Forward(normed, rows, q);
-            layer.K.Forward(normed, rows, k);
-            layer.V.Forward(normed, rows, v);
+            layer.Q.Forward(normed, rows, q, adapter);
+            layer.K.Forward(normed, rows, k, adapter);
+            layer.V.Forward(normed, rows, v, adapter);
             for (int b = 0; b < images; b++)
             {
                 int off = b * tokens * d;
@@ -101,13 +110,13 @@ public sealed class SigLipVisionTower
                 };
                 Attention.Forward(problem);
             }
-            layer.Out.Forward(attn, rows, normed);
+            layer.Out.Forward(attn, rows, normed, adapter);
             TensorPrimitives.Add(h, normed, h);
 
             Norms.LayerNorm(h, normed, rows, d, layer.Norm2Weight, layer.Norm2Bias, _config.LayerNormEps);
-            layer.Fc1.Forward(normed, rows, mlp);
+            layer.Fc1.Forward(normed, rows, mlp, adapter);
             Activations.GeluTanh(mlp, mlp);
-            layer.Fc2.Forward(mlp, rows, normed);
+            layer.Fc2.Forward(mlp, rows, normed, adapter);
             TensorPrimitives.Add(h, normed, h);
         }
         Norms.LayerNorm(h, h, rows, d, _postNormWeight, _postNormBias, _config.LayerNormEps);
@@ -143,5 +152,8 @@ public sealed class MultiModalProjector
 
     public int OutFeatures => _linear.OutFeatures;
 
-    public void Forward(ReadOnlySpan<float> visionStates, int rows, Span<float> output) => _linear.Forward(visionStates, rows, output);
+    internal Linear Linear => _linear;
+
+    public void Forward(ReadOnlySpan<float> visionStates, int rows, Span<float> output, LoraAdapter? adapter = null) =>
+        _linear.Forward(visionStates, rows, output, adapter);
 }

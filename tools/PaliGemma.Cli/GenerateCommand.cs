@@ -12,7 +12,7 @@ namespace PaliGemma.Cli;
 /// <summary><c>paligemma generate</c>: one image, one prompt, the answer streamed to stdout (or one JSON object).</summary>
 public static class GenerateCommand
 {
-    private static readonly HashSet<string> Flags = ["json", "quiet"];
+    private static readonly HashSet<string> Flags = ["json", "quiet", "merge-adapter"];
 
     public static int Run(string[] args)
     {
@@ -23,6 +23,9 @@ public static class GenerateCommand
         string? tokenizer = a.Optional("tokenizer");
         bool json = a.Flag("json"), quiet = a.Flag("quiet");
         string? logitsOut = a.Optional("logits-out");
+        // --adapter DIR: a PEFT LoRA folder applied at run time; with --merge-adapter it is merged into the weights at load.
+        string? adapterDir = a.Optional("adapter");
+        bool mergeAdapter = a.Flag("merge-adapter");
         var options = new GenerationOptions
         {
             MaxNewTokens = a.Int("max-new-tokens", 64, 1, 1 << 20),
@@ -36,12 +39,18 @@ public static class GenerateCommand
             KeepStepLogits = logitsOut is not null,
         };
         a.RejectUnknown();
+        if (mergeAdapter && adapterDir is null) throw new UsageException("--merge-adapter needs --adapter DIR");
         if (logitsOut is not null && !logitsOut.EndsWith(".npy", StringComparison.OrdinalIgnoreCase))
             throw new UsageException($"--logits-out must name a .npy file, got '{logitsOut}'");
 
         var total = Stopwatch.StartNew();
         Progress(quiet, $"loading {modelDir}");
-        using var model = PaliGemmaModel.Load(modelDir, tokenizer);
+        using var model = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions
+        {
+            TokenizerPath = tokenizer,
+            MergeAdapterDirectory = mergeAdapter ? adapterDir : null,
+        });
+        if (adapterDir is not null && !mergeAdapter) options = options with { Adapter = model.LoadAdapter(adapterDir) };
         var clock = Stopwatch.StartNew();
         var image = ImageLoader.Load(imagePath);
         var decodeTime = clock.Elapsed;

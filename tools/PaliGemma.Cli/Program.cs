@@ -1,4 +1,5 @@
 using PaliGemma.CpuOnly.Model;
+using PaliGemma.CpuOnly.Model.Tasks;
 
 namespace PaliGemma.Cli;
 
@@ -9,8 +10,16 @@ public static class Program
 
         Usage:
           paligemma generate --model DIR --image FILE --prompt TEXT [options]
-          paligemma synth --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
-          paligemma bench --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--json] [--quiet]
+          paligemma caption  --model DIR --image FILE [--lang en] [task options]
+          paligemma answer   --model DIR --image FILE --question TEXT [--lang en] [task options]
+          paligemma detect   --model DIR --image FILE --object "cat ; dog" [--annotate OUT.png] [task options]
+          paligemma segment  --model DIR --image FILE --object "cat" --vae vae-oid.npz [--annotate OUT.png] [task options]
+          paligemma ocr      --model DIR --image FILE [task options]
+          paligemma decode-output --text RAW (--width W --height H | --annotate-image FILE --out OUT.png) [--vae FILE] [--json]
+          paligemma batch    --model DIR --input FILE.jsonl [--output FILE.jsonl] [--vae FILE] [--max-new-tokens N] [--quiet]
+          paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
+          paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--json] [--quiet]
+          paligemma help | --help | --version
 
         generate options:
           --model DIR            Hugging Face PaliGemma checkpoint folder (config.json, safetensors, tokenizer.model)
@@ -22,16 +31,37 @@ public static class Program
           --top-p P              sample within probability mass P (1 = off, default)
           --seed S               sampling seed (default 0)
           --tokenizer FILE       tokenizer.model to use instead of the one in the model folder
+          --adapter DIR          PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), applied at run time
+          --merge-adapter        merge the --adapter into the weights at load instead (fp32 copies of the adapted matrices)
           --json                 print one JSON object: text, ids and timings
           --logits-out FILE.npy  write every generated step's logits as float32 [steps, vocab]
           --quiet                no progress on stderr
+
+        task options (caption, answer, detect, segment, ocr; greedy decoding):
+          --lang CODE            answer language for caption/answer (default en)
+          --object NAMES         detect/segment: one name, or several separated by ';' ("cat ; dog")
+          --vae FILE             segment: the VQ-VAE mask decoder (vae-oid.npz), required
+          --annotate OUT.png     detect/segment: write the image with boxes, masks and labels
+          --max-new-tokens N     default 64 (128 for segment)
+          --json                 one JSON object: text, objects, generated ids, timings
+          --tokenizer FILE, --quiet as for generate
+          Plain output is the answer text, or one line per object: label and pixel box (x1 y1 x2 y2).
+          Boxes: normalized = token / 1023, pixels = normalized * original size (box_xyxy_div1024 gives the /1024 variant).
+          Masks in JSON: COCO uncompressed RLE of the full-image mask, {"size": [h, w], "counts": [...]}, column-major,
+          counts alternate 0s and 1s starting with 0s (pycocotools' frPyObjects reads it).
+
+        batch input: one JSON object per line, image paths relative to the .jsonl file's folder:
+          {"image": "a.jpg", "prompt": "caption en"}
+          {"image": "a.jpg", "task": "detect", "objects": "cat ; dog"}     (or "objects": ["cat", "dog"])
+          {"image": "a.jpg", "task": "answer", "question": "what is this?", "lang": "en"}
+          tasks: caption, answer, detect, segment (needs --vae), ocr; optional "max_new_tokens".
+          Writes one JSON result per line (stdout unless --output), progress on stderr; a bad line gets {"line", "error"}
+          and the run goes on; exit code 1 when any line failed.
 
         synth writes a random-weight checkpoint (config.json copied, tokenizer.model, safetensors shards + index) for benchmarks.
         bench times preprocess, vision, prefill and decode (medians over --runs; default 3 runs, 32 new tokens, greedy,
         never stopping at <eos>), the weight GB/s decode streams, peak RSS, bytes allocated per decode token and a
         memory read probe (--probe-mb, default 1024; 0 skips it).
-
-          paligemma help | --help | --version
         """;
 
     public static int Main(string[] args)
@@ -51,6 +81,13 @@ public static class Program
             return args[0] switch
             {
                 "generate" => GenerateCommand.Run(args[1..]),
+                "caption" => TaskCommand.Run(PaliGemmaTask.Caption, args[1..]),
+                "answer" => TaskCommand.Run(PaliGemmaTask.Answer, args[1..]),
+                "detect" => TaskCommand.Run(PaliGemmaTask.Detect, args[1..]),
+                "segment" => TaskCommand.Run(PaliGemmaTask.Segment, args[1..]),
+                "ocr" => TaskCommand.Run(PaliGemmaTask.Ocr, args[1..]),
+                "decode-output" => DecodeOutputCommand.Run(args[1..]),
+                "batch" => BatchCommand.Run(args[1..]),
                 "synth" => SynthCommand.Run(args[1..]),
                 "bench" => BenchCommand.Run(args[1..]),
                 _ => throw new UsageException($"unknown command '{args[0]}'"),

@@ -1,7 +1,7 @@
 namespace PaliGemma.CpuOnly.Model.Synthesis;
 
 /// <summary>
-/// Every tensor a PaliGemma checkpoint holds for this runtime (the names and shapes <see cref="SigLipVisionTower"/>,
+/// Every tensor a PaliGemma (1, or 2 with a Gemma 2 decoder) checkpoint holds for this runtime (the names and shapes <see cref="SigLipVisionTower"/>,
 /// <see cref="MultiModalProjector"/> and <see cref="GemmaDecoder"/> require), in Hugging Face state-dict order, each with
 /// a distribution that keeps a random model numerically sane.
 /// </summary>
@@ -68,6 +68,12 @@ public static class PaliGemmaTensorPlan
             Linear(l + "mlp.down_proj", t.IntermediateSize, h, bias: false);
             Add(l + "input_layernorm.weight", [h], GemmaNormWeight);
             Add(l + "post_attention_layernorm.weight", [h], GemmaNormWeight);
+            if (t.IsGemma2)
+            {
+                // Gemma 2 also norms the MLP input and output (post_attention_layernorm then norms the attention output).
+                Add(l + "pre_feedforward_layernorm.weight", [h], GemmaNormWeight);
+                Add(l + "post_feedforward_layernorm.weight", [h], GemmaNormWeight);
+            }
         }
         Add(text + "norm.weight", [h], GemmaNormWeight);
         return tensors;

@@ -11,7 +11,9 @@ public sealed class GoldenSample
     public required string Case { get; init; }
     public required string Name { get; init; }
     public required JsonElement Json { get; init; }
-    public string CaseDirectory => Path.Combine(TestPaths.Golden, Case);
+    /// <summary>The golden folder the case lives in (tests/golden or tests/golden-pg2).</summary>
+    public string Root { get; init; } = TestPaths.Golden;
+    public string CaseDirectory => Path.Combine(Root, Case);
     public bool IsBatch => Json.TryGetProperty("batch", out var b) && b.GetBoolean();
     public bool IsSuffix => Json.TryGetProperty("suffix_case", out var s) && s.GetBoolean();
     public string[] Images => Json.GetProperty("images").EnumerateArray().Select(e => e.GetString()!).ToArray();
@@ -30,29 +32,33 @@ public static class GoldenData
 {
     private static readonly ConcurrentDictionary<string, Lazy<PaliGemmaModel>> Models = new();
 
-    public static string[] CaseNames =>
-        JsonDocument.Parse(File.ReadAllText(Path.Combine(TestPaths.Golden, "index.json"))).RootElement
+    // Every method takes the golden folder; the default is tests/golden (PaliGemma 1), tests/golden-pg2 is the other.
+    public static string[] CaseNames => CaseNamesIn(TestPaths.Golden);
+
+    public static string[] CaseNamesIn(string root) =>
+        JsonDocument.Parse(File.ReadAllText(Path.Combine(root, "index.json"))).RootElement
             .GetProperty("cases").EnumerateArray().Select(e => e.GetString()!).ToArray();
 
-    public static JsonElement CaseJson(string caseName) =>
-        JsonDocument.Parse(File.ReadAllText(Path.Combine(TestPaths.Golden, caseName, "cases.json"))).RootElement;
+    public static JsonElement CaseJson(string caseName, string? root = null) =>
+        JsonDocument.Parse(File.ReadAllText(Path.Combine(root ?? TestPaths.Golden, caseName, "cases.json"))).RootElement;
 
-    public static IEnumerable<GoldenSample> Samples() =>
-        from c in CaseNames
-        from s in CaseJson(c).GetProperty("samples").EnumerateArray()
-        select new GoldenSample { Case = c, Name = s.GetProperty("name").GetString()!, Json = s.Clone() };
+    public static IEnumerable<GoldenSample> Samples(string? root = null) =>
+        from c in CaseNamesIn(root ?? TestPaths.Golden)
+        from s in CaseJson(c, root).GetProperty("samples").EnumerateArray()
+        select new GoldenSample { Case = c, Name = s.GetProperty("name").GetString()!, Json = s.Clone(), Root = root ?? TestPaths.Golden };
 
-    public static GoldenSample Sample(string caseName, string sampleName) =>
-        Samples().Single(s => s.Case == caseName && s.Name == sampleName);
+    public static GoldenSample Sample(string caseName, string sampleName, string? root = null) =>
+        Samples(root).Single(s => s.Case == caseName && s.Name == sampleName);
 
     /// <summary>Models stay loaded for the whole test run (they are immutable and thread-safe).</summary>
-    public static PaliGemmaModel Model(string caseName, string variant = "")
+    public static PaliGemmaModel Model(string caseName, string variant = "", string? root = null)
     {
-        string key = caseName + "/" + variant;
+        root ??= TestPaths.Golden;
+        string key = Path.Combine(root, caseName, variant);
         return Models.GetOrAdd(key, _ => new Lazy<PaliGemmaModel>(() =>
         {
-            string dir = Path.Combine(TestPaths.Golden, caseName, variant);
-            return PaliGemmaModel.Load(dir, Path.Combine(TestPaths.Golden, caseName, "tokenizer.model"));
+            string dir = Path.Combine(root, caseName, variant);
+            return PaliGemmaModel.Load(dir, Path.Combine(root, caseName, "tokenizer.model"));
         })).Value;
     }
 }

@@ -5,7 +5,7 @@ using PaliGemma.CpuOnly.Model;
 namespace PaliGemma.CpuOnly.Tests.Golden;
 
 /// <summary>The bf16 and sharded copies of tiny-mqa-56, and the training-style suffix score.</summary>
-public sealed class GoldenVariantTests
+public sealed class GoldenVariantTests(Xunit.Abstractions.ITestOutputHelper output)
 {
     private const string Tiny = "tiny-mqa-56";
 
@@ -68,6 +68,7 @@ public sealed class GoldenVariantTests
         double loss = new PaliGemmaGenerator(model).Score(sample.Floats("pixel_values"), prefix, suffix, out float[] logits);
         Compare.Close("suffix_logits", "suffix logits", logits, sample.Floats("logits"));
         double expected = sample.Json.GetProperty("loss").GetDouble();
+        output.WriteLine($"loss {loss:R} vs reference {expected:R}: relative difference {Math.Abs(loss - expected) / expected:E3}");
         Assert.True(Math.Abs(loss - expected) <= 1e-4 * Math.Abs(expected), $"loss {loss} vs reference {expected}");
     }
 

@@ -17,18 +17,37 @@ public sealed class SynthTests
     private static SyntheticCheckpointResult Synthesize(string directory, ulong seed = 1, DType dtype = DType.F32, long maxShardBytes = 2_000_000_000) =>
         SyntheticCheckpoint.Write(TinyConfig, directory, new SyntheticCheckpointOptions { Seed = seed, DType = dtype, MaxShardBytes = maxShardBytes });
 
+    private static string GoldenCase(string folder) => Path.Combine(TestPaths.RepoRoot, "tests", folder);
+
     [Theory]
-    [InlineData("f32")]
-    [InlineData("bf16")]
-    [InlineData("f16")]
-    public void Cli_output_loads_and_generates(string dtype)
+    [InlineData("golden/tiny-mqa-56")]
+    [InlineData("golden/small-mha-84")]
+    [InlineData("golden/long-448")]
+    [InlineData("golden-pg2/pg2-tiny-56")]
+    [InlineData("golden-pg2/pg2-mha-84-sw16")]
+    public void Plan_names_and_shapes_match_the_transformers_checkpoints(string caseFolder)
+    {
+        string dir = GoldenCase(caseFolder);
+        var plan = PaliGemmaTensorPlan.For(PaliGemmaConfig.Load(Path.Combine(dir, "config.json")));
+        using var checkpoint = SafetensorsCheckpoint.Open(dir);
+        Assert.Equal(checkpoint.TensorNames.Order(StringComparer.Ordinal), plan.Select(t => t.Name).Order(StringComparer.Ordinal));
+        foreach (var tensor in plan) Assert.Equal(checkpoint.Get(tensor.Name).Shape, tensor.Shape);
+    }
+
+    [Theory]
+    [InlineData("golden/tiny-mqa-56", "f32")]
+    [InlineData("golden/tiny-mqa-56", "bf16")]
+    [InlineData("golden/tiny-mqa-56", "f16")]
+    [InlineData("golden-pg2/pg2-tiny-56", "bf16")]
+    public void Cli_output_loads_and_generates(string caseFolder, string dtype)
     {
         using var temp = new TempDirectory();
         string dir = temp.File("model");
-        var (code, stdout, stderr) = CliTests.Run("synth", "--config", TinyConfig, "--out", dir, "--dtype", dtype, "--seed", "5", "--quiet");
+        string config = Path.Combine(GoldenCase(caseFolder), "config.json");
+        var (code, stdout, stderr) = CliTests.Run("synth", "--config", config, "--out", dir, "--dtype", dtype, "--seed", "5", "--quiet");
         Assert.True(code == 0, $"exit {code}: {stderr}");
         Assert.Contains("wrote", stdout);
-        Assert.Equal(File.ReadAllBytes(TinyConfig), File.ReadAllBytes(Path.Combine(dir, "config.json")));
+        Assert.Equal(File.ReadAllBytes(config), File.ReadAllBytes(Path.Combine(dir, "config.json")));
 
         using var model = PaliGemmaModel.Load(dir);
         Assert.Equal(model.Config.Text.VocabSize, model.Tokenizer.PieceCount);

@@ -13,6 +13,9 @@ internal static class TestPaths
     /// <summary>tests/golden under <see cref="RepoRoot"/>.</summary>
     public static string Golden => Path.Combine(RepoRoot, "tests", "golden");
 
+    /// <summary>tests/golden-pg2 (PaliGemma 2 references) under <see cref="RepoRoot"/>.</summary>
+    public static string GoldenPg2 => Path.Combine(RepoRoot, "tests", "golden-pg2");
+
     private static string FindRepoRoot()
     {
         string start = AppContext.BaseDirectory;

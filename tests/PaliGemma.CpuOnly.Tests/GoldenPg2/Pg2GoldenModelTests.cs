@@ -1,0 +1,172 @@
+using PaliGemma.CpuOnly.Model;
+using PaliGemma.CpuOnly.Model.Imaging;
+using PaliGemma.CpuOnly.Tests.Golden;
+using Xunit.Abstractions;
+
+namespace PaliGemma.CpuOnly.Tests.GoldenPg2;
+
+/// <summary>
+/// Every sample of every PaliGemma 2 case against transformers 4.47.1: vision tower, projector, scaled image features,
+/// per-layer decoder states, prefix logits, the attention masks, step logits and greedy ids. Batched (left-padded)
+/// samples are checked against the reference's cache-free recompute (see tests/golden-pg2/README.md).
+/// </summary>
+public sealed class Pg2GoldenModelTests(ITestOutputHelper output)
+{
+    public static TheoryData<string, string> GenerationSamples() => Pg2Golden.GenerationSamples();
+
+    [Theory]
+    [MemberData(nameof(GenerationSamples))]
+    public void Vision_tower_and_projector_match_the_reference(string caseName, string sampleName)
+    {
+        var sample = Pg2Golden.Sample(caseName, sampleName);
+        var model = Pg2Golden.Model(caseName);
+        var trace = new VisionTrace();
+        var features = model.EncodeImages(sample.Floats("pixel_values"), sample.Images.Length, trace);
+        Report("vision_last_hidden_state", Compare.Close("pg2_vision_last_hidden_state", $"{sample} vision", trace.LastHiddenState, sample.Floats("vision_last_hidden_state")));
+        Report("projector_output", Compare.Close("pg2_projector_output_unscaled", $"{sample} projector", trace.ProjectorOutput, sample.Floats("projector_output_unscaled")));
+        Report("image_features_scaled", Compare.Close("pg2_image_features_scaled", $"{sample} features", features, sample.Floats("image_features_scaled")));
+    }
+
+    [Theory]
+    [MemberData(nameof(GenerationSamples))]
+    public void Decoder_states_and_prefix_logits_match_the_reference(string caseName, string sampleName)
+    {
+        var sample = Pg2Golden.Sample(caseName, sampleName);
+        var model = Pg2Golden.Model(caseName);
+        Assert.True(model.Config.Text.IsGemma2);
+        var idsArray = sample.Npy("input_ids");
+        int batch = (int)idsArray.Shape[0], tokens = (int)idsArray.Shape[1], h = model.Config.Text.HiddenSize, vocab = model.Decoder.VocabSize;
+        int[] ids = idsArray.ToInt64().Select(x => (int)x).ToArray();
+        byte[] mask = sample.Npy("attention_mask").ToInt64().Select(x => (byte)x).ToArray();
+        var features = model.EncodeImages(sample.Floats("pixel_values"), batch);
+
+        // The reference's forward pass uses positions 1..L for every row (padding not accounted).
+        int[] positions = new int[batch * tokens];
+        for (int i = 0; i < positions.Length; i++) positions[i] = i % tokens + 1;
+        var states = new float[model.Config.Text.NumHiddenLayers + 1][];
+        var session = new PaliGemmaSession(model, batch, tokens);
+        var logits = new float[batch * tokens * vocab];
+        session.Prefill(ids, mask, tokens, features, logits, new PrefillOptions
+        {
+            Positions = positions,
+            AllLogits = true,
+            Observer = (index, s) => states[index] = s.ToArray(),
+        });
+
+        var expectedStates = sample.Floats("decoder_hidden_states");
+        int layerSize = batch * tokens * h;
+        for (int l = 0; l < states.Length; l++)
+            Report($"hidden[{l}]", Compare.Close("pg2_decoder_hidden_states", $"{sample} hidden state {l}", states[l], expectedStates.AsSpan(l * layerSize, layerSize)));
+        Report("prefix_logits", Compare.Close("pg2_prefix_logits", $"{sample} prefix logits", logits, sample.Floats("prefix_logits")));
+
+        if (sample.HasFile("prefix_logits_generate_positions"))
+        {
+            // generate()'s own positions (cumsum of the mask), which the session computes itself; pad rows are never read.
+            var generateSession = new PaliGemmaSession(model, batch, tokens);
+            var generateLogits = new float[batch * tokens * vocab];
+            generateSession.Prefill(ids, mask, tokens, features, generateLogits, new PrefillOptions { AllLogits = true });
+            Report("prefix_logits_generate_positions", Compare.Close("pg2_prefix_logits", $"{sample} prefix logits (generate positions)",
+                RealRows(generateLogits, mask, vocab), RealRows(sample.Floats("prefix_logits_generate_positions"), mask, vocab)));
+        }
+    }
+
+    /// <summary>
+    /// The stored masks are what transformers passed to its eager attention, [batch, query, key]. They must equal the rule
+    /// the decoder takes its key ranges from (<see cref="AttentionMask"/>), with each row's padding and the layer's window.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(GenerationSamples))]
+    public void Attention_masks_equal_the_reference_masks_per_layer_kind(string caseName, string sampleName)
+    {
+        var sample = Pg2Golden.Sample(caseName, sampleName);
+        var text = Pg2Golden.Model(caseName).Config.Text;
+        int window = text.SlidingWindow!.Value;
+        Assert.Equal(window, text.LayerWindow(0));
+        Assert.Equal(0, text.LayerWindow(1));
+        var ids = sample.Npy("input_ids");
+        int batch = (int)ids.Shape[0], tokens = (int)ids.Shape[1];
+        byte[] mask = sample.Npy("attention_mask").ToInt64().Select(x => (byte)x).ToArray();
+        foreach (var (key, layerWindow) in new[] { ("attn_allowed_sliding_uint8", window), ("attn_allowed_global_uint8", 0) })
+        {
+            var expected = sample.Npy(key);
+            Assert.Equal(new long[] { batch, tokens, tokens }, expected.Shape);
+            byte[] expectedBytes = expected.ToUInt8();
+            var allowed = new byte[tokens * tokens];
+            for (int b = 0; b < batch; b++)
+            {
+                AttentionMask.BuildAllowed(tokens, tokens, layerWindow, mask.AsSpan(b * tokens, tokens), allowed);
+                Assert.True(expectedBytes.AsSpan(b * tokens * tokens, tokens * tokens).SequenceEqual(allowed), $"{sample} {key} row {b}");
+            }
+        }
+        // The sliding masks really drop keys in every sample (the window is smaller than the prompt).
+        Assert.True(sample.Json.GetProperty("sliding_window_masked_entries_in_prefix").GetInt32() > 0);
+    }
+
+    /// <summary>Logit rows of real tokens only: pad rows are never read by generation.</summary>
+    private static float[] RealRows(float[] logits, byte[] mask, int vocab) =>
+        Enumerable.Range(0, mask.Length).Where(i => mask[i] != 0).SelectMany(i => logits.AsSpan(i * vocab, vocab).ToArray()).ToArray();
+
+    [Theory]
+    [MemberData(nameof(GenerationSamples))]
+    public void Greedy_generation_matches_the_reference_ids_and_step_logits(string caseName, string sampleName)
+    {
+        var sample = Pg2Golden.Sample(caseName, sampleName);
+        var model = Pg2Golden.Model(caseName);
+        var results = new PaliGemmaGenerator(model).GenerateFromIds(sample.Floats("pixel_values"), Pg2Golden.PromptRows(sample),
+            new GenerationOptions { MaxNewTokens = sample.MaxNewTokens, KeepStepLogits = true });
+        GoldenModelTests.CheckGeneration(sample.ToString(), results, sample.FilePath("generated_ids"), sample.FilePath("step_logits"), "pg2_step_logits");
+
+        // Every decode step runs past the sliding window, so the ring cache has rolled over.
+        int window = model.Config.Text.SlidingWindow!.Value;
+        Assert.True(results.Max(r => r.PromptIds.Length) > window);
+    }
+
+    /// <summary>
+    /// transformers 4.47.1's own generate() mis-masks left-padded rows once its sliding cache rolls over (the reference
+    /// stores what it returned). Rows it got right must equal ours; rows it got wrong must not, since ours follow the recompute.
+    /// </summary>
+    [Fact]
+    public void Padded_batch_rows_follow_the_recompute_not_the_4_47_1_generate_defect()
+    {
+        foreach (var sample in Pg2Golden.Samples().Where(s => s.HasFile("hf_generate_generated_ids")))
+        {
+            var model = Pg2Golden.Model(sample.Case);
+            var results = new PaliGemmaGenerator(model).GenerateFromIds(sample.Floats("pixel_values"), Pg2Golden.PromptRows(sample),
+                new GenerationOptions { MaxNewTokens = sample.MaxNewTokens });
+            var hf = sample.Npy("hf_generate_generated_ids");
+            int steps = (int)hf.Shape[1];
+            long[] flat = hf.ToInt64();
+            var agrees = sample.Json.GetProperty("generate_vs_recompute").GetProperty("generate_ids_equal_recompute_ids_per_row")
+                .EnumerateArray().Select(e => e.GetBoolean()).ToArray();
+            Assert.Contains(false, agrees);
+            for (int b = 0; b < results.Count; b++)
+            {
+                var theirs = flat.Skip(b * steps).Take(steps).Select(x => (int)x).ToArray();
+                Assert.True(agrees[b] == theirs.SequenceEqual(results[b].GeneratedIds), $"{sample} row {b}");
+            }
+        }
+    }
+
+    [Theory]
+    [MemberData(nameof(GenerationSamples))]
+    public void Generation_from_the_image_file_and_prompt_text_gives_the_reference_ids(string caseName, string sampleName)
+    {
+        var sample = Pg2Golden.Sample(caseName, sampleName);
+        var model = Pg2Golden.Model(caseName);
+        var requests = sample.Images.Zip(sample.Prompts, (image, prompt) =>
+            new GenerationRequest(ImageLoader.Load(Path.Combine(sample.CaseDirectory, image)), prompt)).ToList();
+        var results = new PaliGemmaGenerator(model).GenerateBatch(requests, new GenerationOptions { MaxNewTokens = sample.MaxNewTokens });
+        var expected = sample.Npy("generated_ids");
+        int steps = (int)expected.Shape[1];
+        long[] flat = expected.ToInt64();
+        var promptRows = Pg2Golden.PromptRows(sample);
+        for (int b = 0; b < results.Count; b++)
+        {
+            Assert.Equal(promptRows[b], results[b].PromptIds);
+            Assert.Equal(flat.Skip(b * steps).Take(steps).Select(x => (int)x), results[b].GeneratedIds);
+            Assert.Equal(sample.Json.GetProperty("generated_text")[b].GetString(), results[b].Text);
+        }
+    }
+
+    private void Report(string what, double ratio) => output.WriteLine($"{what}: {ratio:E3}");
+}
