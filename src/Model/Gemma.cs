@@ -112,7 +112,8 @@ public sealed class GemmaDecoder
     /// layers drop keys more than a window behind.
     /// </summary>
     public void Forward(Span<float> hidden, int newTokens, ReadOnlySpan<int> positions, KvCache cache, int prefixLength,
-        HiddenStateObserver? observer = null, CancellationToken cancellationToken = default, LoraAdapter? adapter = null)
+        HiddenStateObserver? observer = null, CancellationToken cancellationToken = default, LoraAdapter? adapter = null,
+        IProgress<InferenceProgress>? progress = null)
     {
         int batch = cache.Batch, rows = batch * newTokens, h = _config.HiddenSize;
         int heads = _config.NumAttentionHeads, kvHeads = _config.NumKeyValueHeads, headDim = _config.HeadDim;
@@ -173,6 +174,7 @@ public sealed class GemmaDecoder
                 Norms.RmsNorm(normed, normed, rows, h, feedForwardOutputNorm, eps, unitOffset: true);
             TensorPrimitives.Add(hidden, normed, hidden);
             if (li + 1 < _layers.Length) observer?.Invoke(li + 1, hidden);
+            progress?.Report(new InferenceProgress("prefill", li + 1, _layers.Length));
         }
         cache.Length = end;
         Norms.RmsNorm(hidden, hidden, rows, h, _finalNorm, eps, unitOffset: true);

@@ -11,6 +11,8 @@ public sealed record GenerationRequest(RgbImage Image, string Prompt);
 public sealed record GenerationOptions
 {
     public int MaxNewTokens { get; init; } = 64;
+    /// <summary>Told after each vision and prompt layer, for progress displays on big models.</summary>
+    public IProgress<InferenceProgress>? Progress { get; init; }
     public SamplingOptions Sampling { get; init; } = new();
     /// <summary>Keep the logits of every generated step (for --logits-out and reference checks).</summary>
     public bool KeepStepLogits { get; init; }
@@ -97,7 +99,7 @@ public sealed class PaliGemmaGenerator
         var tokenizer = _model.Tokenizer;
         timings ??= new GenerationTimings();
         var clock = Stopwatch.StartNew();
-        float[] features = _model.EncodeImages(pixels, batch, null, cancellationToken, options.Adapter);
+        float[] features = _model.EncodeImages(pixels, batch, null, cancellationToken, options.Adapter, options.Progress);
         timings.Vision = clock.Elapsed;
 
         var (ids, mask) = PaliGemmaTokenizer.PadLeft(prompts, tokenizer.PadId);
@@ -110,7 +112,7 @@ public sealed class PaliGemmaGenerator
         int vocab = session.VocabSize;
         var logits = new float[batch * vocab];
         clock.Restart();
-        session.Prefill(Flatten(ids), Flatten(mask), tokens, features, logits, null, cancellationToken);
+        session.Prefill(Flatten(ids), Flatten(mask), tokens, features, logits, new PrefillOptions { Progress = options.Progress }, cancellationToken);
         timings.Prefill = clock.Elapsed;
 
         var samplers = new TokenSampler[batch];

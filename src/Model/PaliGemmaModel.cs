@@ -134,12 +134,12 @@ public sealed class PaliGemmaModel : IDisposable
     /// </summary>
     /// <param name="adapter">A run-time LoRA adapter loaded for this model (<see cref="LoadAdapter"/>), or null for the base weights.</param>
     public float[] EncodeImages(ReadOnlySpan<float> pixelValues, int images, VisionTrace? trace = null, CancellationToken cancellationToken = default,
-        LoraAdapter? adapter = null)
+        LoraAdapter? adapter = null, IProgress<InferenceProgress>? progress = null)
     {
         CheckAdapter(adapter);
         int tokens = NumImageTokens, vh = Config.Vision.HiddenSize, th = Config.Text.HiddenSize;
         var visionStates = new float[images * tokens * vh];
-        Vision.Encode(pixelValues, images, visionStates, cancellationToken, adapter);
+        Vision.Encode(pixelValues, images, visionStates, cancellationToken, adapter, progress);
         var features = new float[images * tokens * th];
         Projector.Forward(visionStates, images * tokens, features, adapter);
         if (trace is not null)

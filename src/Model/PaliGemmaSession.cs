@@ -12,6 +12,8 @@ public sealed class PrefillOptions
     /// <summary>Compute logits for every position instead of only the last one.</summary>
     public bool AllLogits { get; init; }
     public HiddenStateObserver? Observer { get; init; }
+    /// <summary>Told after each decoder layer of the prompt (long prompts of big models take seconds).</summary>
+    public IProgress<InferenceProgress>? Progress { get; init; }
 }
 
 /// <summary>
@@ -101,7 +103,7 @@ public sealed class PaliGemmaSession
             explicitPositions.CopyTo(positions, 0);
         }
 
-        decoder.Forward(hidden, tokens, positions, _cache, options?.PrefixLength ?? tokens, options?.Observer, cancellationToken, Adapter);
+        decoder.Forward(hidden, tokens, positions, _cache, options?.PrefixLength ?? tokens, options?.Observer, cancellationToken, Adapter, options?.Progress);
         if (logitRows == rows)
         {
             decoder.Logits(hidden, rows, logits);

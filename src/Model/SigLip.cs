@@ -65,7 +65,7 @@ public sealed class SigLipVisionTower
     /// </summary>
     /// <param name="adapter">A run-time LoRA adapter whose low-rank terms are added to the layers it adapts, or null.</param>
     public void Encode(ReadOnlySpan<float> pixelValues, int images, Span<float> output, CancellationToken cancellationToken = default,
-        LoraAdapter? adapter = null)
+        LoraAdapter? adapter = null, IProgress<InferenceProgress>? progress = null)
     {
         int s = _config.ImageSize, tokens = TokensPerImage, d = _config.HiddenSize;
         if (pixelValues.Length != images * 3 * s * s)
@@ -90,6 +90,7 @@ public sealed class SigLipVisionTower
         Array.Fill(keyEnd, tokens);
         float scale = 1f / MathF.Sqrt(headDim);
 
+        int layersDone = 0;
         foreach (var layer in _layers)
         {
             cancellationToken.ThrowIfCancellationRequested();
@@ -118,6 +119,7 @@ public sealed class SigLipVisionTower
             Activations.GeluTanh(mlp, mlp);
             layer.Fc2.Forward(mlp, rows, normed, adapter);
             TensorPrimitives.Add(h, normed, h);
+            progress?.Report(new InferenceProgress("vision", ++layersDone, _layers.Length));
         }
         Norms.LayerNorm(h, h, rows, d, _postNormWeight, _postNormBias, _config.LayerNormEps);
     }

@@ -37,6 +37,7 @@ public static class GenerateCommand
                 Seed = a.ULong("seed", 0),
             },
             KeepStepLogits = logitsOut is not null,
+            Progress = quiet ? null : new StderrProgress(),
         };
         a.RejectUnknown();
         if (mergeAdapter && adapterDir is null) throw new UsageException("--merge-adapter needs --adapter DIR");

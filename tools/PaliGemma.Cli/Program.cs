@@ -68,14 +68,15 @@ public static class Program
     {
         try
         {
-            if (args.Length == 0 || args[0] is "help" or "--help" or "-h")
+            if (args.Length == 0 || args[0] is "help" or "--help" or "-h" || (args.Length == 2 && args[1] is "--help" or "-h"))
             {
                 Console.Out.WriteLine(Usage);
                 return args.Length == 0 ? 2 : 0;
             }
             if (args[0] == "--version")
             {
-                Console.Out.WriteLine($"paligemma {typeof(Program).Assembly.GetName().Version}");
+                Console.Out.WriteLine($"paligemma {typeof(Program).Assembly.GetName().Version} ({PaliGemma.CpuOnly.Kernels.KernelInfo.VectorWidth}, {Environment.ProcessorCount} threads, " +
+                                      $"{(System.Runtime.CompilerServices.RuntimeFeature.IsDynamicCodeSupported ? "JIT" : "NativeAOT")})");
                 return 0;
             }
             return args[0] switch

@@ -18,7 +18,11 @@ public static class TaskCommand
         string imagePath = a.Required("image");
         string? tokenizer = a.Optional("tokenizer");
         bool json = a.Flag("json"), quiet = a.Flag("quiet");
-        var options = new GenerationOptions { MaxNewTokens = a.Int("max-new-tokens", task == PaliGemmaTask.Segment ? 128 : 64, 1, 1 << 20) };
+        var options = new GenerationOptions
+        {
+            MaxNewTokens = a.Int("max-new-tokens", task == PaliGemmaTask.Segment ? 128 : 64, 1, 1 << 20),
+            Progress = quiet ? null : new StderrProgress(),
+        };
         string prompt;
         string? annotate = null, vae = null;
         try
