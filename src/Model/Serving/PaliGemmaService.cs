@@ -1,5 +1,7 @@
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
+using PaliGemma.CpuOnly.Model.Imaging;
+using PaliGemma.CpuOnly.Model.Tasks;
 using PaliGemma.CpuOnly.Model.Text;
 
 namespace PaliGemma.CpuOnly.Model.Serving;
@@ -116,6 +118,39 @@ public sealed class PaliGemmaService : IAsyncDisposable
         options ??= new GenerationOptions();
         var (prompt, capacity) = Prepare(request, options);
         return RunAsync(request, options, prompt, capacity, record: null, cancellationToken);
+    }
+
+    /// <summary>
+    /// Runs a PaliGemma task prompt (caption, answer, detect, segment, ocr; see <see cref="TaskPrompts"/>) as
+    /// <see cref="PaliGemmaTasks.Run"/> does, under the service's limits: detect and segment outputs are parsed into
+    /// objects, and segment masks are decoded when <paramref name="maskDecoder"/> is given (it is safe to share).
+    /// </summary>
+    public async Task<TaskResult> RunTaskAsync(RgbImage image, string prompt, GenerationOptions? options = null, MaskDecoder? maskDecoder = null,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(image);
+        ArgumentNullException.ThrowIfNull(prompt);
+        var task = TaskPrompts.TaskOf(prompt);
+        var generated = await GenerateAsync(new GenerationRequest(image, prompt), options, cancellationToken).ConfigureAwait(false);
+        IReadOnlyList<DetectedObject> objects = task is PaliGemmaTask.Detect or PaliGemmaTask.Segment
+            ? OutputParser.Parse(generated.Text, image.Width, image.Height)
+            : [];
+        long started = Stopwatch.GetTimestamp();
+        if (maskDecoder is not null) PaliGemmaTasks.DecodeMasks(objects, maskDecoder);
+        return new TaskResult
+        {
+            Task = task,
+            Prompt = prompt,
+            Text = generated.Text,
+            Objects = objects,
+            ImageWidth = image.Width,
+            ImageHeight = image.Height,
+            PromptIds = generated.PromptIds,
+            GeneratedIds = generated.GeneratedIds,
+            StoppedAtEos = generated.StoppedAtEos,
+            Timings = generated.Timings,
+            MaskDecode = Stopwatch.GetElapsedTime(started),
+        };
     }
 
     /// <summary>

@@ -266,3 +266,25 @@ public sealed class PaliGemmaServiceTests
         }
     }
 }
+
+public sealed class PaliGemmaServiceTaskTests
+{
+    [Theory]
+    [InlineData("detect cat ; dog")]
+    [InlineData("caption en")]
+    public async Task RunTaskAsync_matches_PaliGemmaTasks(string prompt)
+    {
+        var model = GoldenData.Model("tiny-mqa-56");
+        var image = ImageLoader.Load(Path.Combine(TestPaths.Golden, "tiny-mqa-56", "rgb_640x480.png"));
+        var options = new GenerationOptions { MaxNewTokens = 12, Sampling = new SamplingOptions { Temperature = 1f, Seed = 9 } };
+        var expected = new PaliGemma.CpuOnly.Model.Tasks.PaliGemmaTasks(model).Run(image, prompt, options);
+
+        await using var service = new PaliGemmaService(model);
+        var actual = await service.RunTaskAsync(image, prompt, options);
+
+        Assert.Equal(expected.Task, actual.Task);
+        Assert.Equal(expected.GeneratedIds, actual.GeneratedIds);
+        Assert.Equal(expected.Text, actual.Text);
+        Assert.Equal(expected.Objects.Select(o => $"{o.Label}:{string.Join(",", o.LocY1X1Y2X2)}"), actual.Objects.Select(o => $"{o.Label}:{string.Join(",", o.LocY1X1Y2X2)}"));
+    }
+}
