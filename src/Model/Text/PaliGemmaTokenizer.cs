@@ -190,7 +190,11 @@ public sealed class PaliGemmaTokenizer
     /// Decodes ids like Hugging Face's <c>tokenizer.decode(ids)</c>: special tokens are kept as their text, U+2581
     /// becomes a space, and byte tokens that do not form valid UTF-8 become U+FFFD (one per byte).
     /// </summary>
-    /// <exception cref="ArgumentOutOfRangeException">An id is not a token of this tokenizer.</exception>
+    /// <remarks>
+    /// Ids past the last piece decode to nothing: checkpoints pad the embedding matrix beyond the tokenizer (PaliGemma:
+    /// 257216 rows for 257153 tokens), and a sampled or random model can pick such a row. Generation keeps the id.
+    /// </remarks>
+    /// <exception cref="ArgumentOutOfRangeException">An id is negative.</exception>
     public string Decode(ReadOnlySpan<int> ids)
     {
         var text = new StringBuilder(ids.Length * 4);
@@ -202,9 +206,14 @@ public sealed class PaliGemmaTokenizer
         for (int i = 0; i < ids.Length; i++)
         {
             int id = ids[i];
+            if (id < 0)
+            {
+                throw new ArgumentOutOfRangeException(nameof(ids), id, $"Token id {id} at index {i} is negative.");
+            }
+
             if (!IsValidId(id))
             {
-                throw new ArgumentOutOfRangeException(nameof(ids), id, $"Token id {id} at index {i} is outside the vocabulary (0..{_tokens.Length - 1}).");
+                continue;   // an embedding row with no token: no text
             }
 
             if (TryGetByte(id, out byte value))

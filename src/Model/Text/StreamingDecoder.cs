@@ -23,12 +23,14 @@ public sealed class StreamingDecoder
     }
 
     /// <summary>Adds one generated id and returns the text it completes (possibly empty).</summary>
-    /// <exception cref="ArgumentOutOfRangeException"><paramref name="id"/> is not a token of the tokenizer.</exception>
+    /// <remarks>An id past the tokenizer's last piece (a padding row of the embeddings) adds no text, as in Decode.</remarks>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="id"/> is negative.</exception>
     public string Push(int id)
     {
+        ArgumentOutOfRangeException.ThrowIfNegative(id);
         if (!_tokenizer.IsValidId(id))
         {
-            throw new ArgumentOutOfRangeException(nameof(id), id, $"Token id {id} is outside the vocabulary (0..{_tokenizer.VocabularySize - 1}).");
+            return "";
         }
 
         _text.Clear();

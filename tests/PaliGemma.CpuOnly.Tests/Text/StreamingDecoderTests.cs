@@ -93,11 +93,12 @@ public sealed class StreamingDecoderTests
     }
 
     [Fact]
-    public void Push_OutOfRangeId_Throws()
+    public void Push_NegativeId_Throws_AndAnIdPastTheLastPieceAddsNoText()
     {
         var decoder = new StreamingDecoder(TextGolden.Tokenizer);
 
-        Assert.Throws<ArgumentOutOfRangeException>(() => decoder.Push(TextGolden.Tokenizer.PieceCount));
+        Assert.Throws<ArgumentOutOfRangeException>(() => decoder.Push(-1));
+        Assert.Equal("", decoder.Push(TextGolden.Tokenizer.PieceCount));
     }
 
     private static string Stream(int[] ids)
