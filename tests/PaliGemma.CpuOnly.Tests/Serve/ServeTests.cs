@@ -123,12 +123,14 @@ public sealed class ServeTests(ServerFixture fixture) : IClassFixture<ServerFixt
     public async Task Task_fields_build_the_prompt_and_detect_objects_match_the_cli_json()
     {
         var result = await JsonOf(await _client.PostAsync("/v1/generate",
-            Form(ImagePath(), ("task", "detect"), ("objects", "cat ; dog"), ("max_new_tokens", "40"))), HttpStatusCode.OK);
+            Form(ImagePath(), ("task", "detect"), ("objects", "bird"), ("max_new_tokens", "64"))), HttpStatusCode.OK);
         Assert.Equal("detect", result.GetProperty("task").GetString());
-        Assert.Equal("detect cat ; dog", result.GetProperty("prompt").GetString());
+        Assert.Equal("detect bird", result.GetProperty("prompt").GetString());
         var objects = result.GetProperty("objects");
         Assert.Equal(JsonValueKind.Array, objects.ValueKind);
         var expected = CpuOnly.Model.Tasks.OutputParser.Parse(result.GetProperty("text").GetString()!, 640, 480);
+        // The random tiny model happens to emit four locs and a label for this prompt and image (greedy, so stable).
+        Assert.NotEmpty(expected);
         Assert.Equal(expected.Count, objects.GetArrayLength());
         for (int i = 0; i < expected.Count; i++)
         {
@@ -136,10 +138,11 @@ public sealed class ServeTests(ServerFixture fixture) : IClassFixture<ServerFixt
             Assert.Equal(expected[i].Label, o.GetProperty("label").GetString());
             Assert.Equal(expected[i].BoxXyxy, o.GetProperty("box_xyxy").EnumerateArray().Select(e => e.GetDouble()));
             Assert.Equal(expected[i].LocY1X1Y2X2, Ints(o.GetProperty("loc_y1x1y2x2")));
+            Assert.Equal(JsonValueKind.Null, o.GetProperty("mask").ValueKind);
         }
 
         var (code, stdout, stderr) = CliTests.Run("detect", "--model", _caption.CaseDirectory, "--image", ImagePath(),
-            "--object", "cat ; dog", "--max-new-tokens", "40", "--json", "--quiet");
+            "--object", "bird", "--max-new-tokens", "64", "--json", "--quiet");
         Assert.True(code == 0, stderr);
         using var cli = JsonDocument.Parse(stdout);
         Assert.Equal(cli.RootElement.GetProperty("text").GetString(), result.GetProperty("text").GetString());
@@ -161,12 +164,13 @@ public sealed class ServeTests(ServerFixture fixture) : IClassFixture<ServerFixt
     [InlineData("accept", "text/event-stream")]
     public async Task Streamed_tokens_concatenate_to_the_non_streamed_text(string how, string value)
     {
-        (string, string)[] fields = [("prompt", "caption en"), ("max_new_tokens", "40"), ("temperature", "0.8"), ("seed", "7"), ("top_k", "50")];
-        var plain = await JsonOf(await _client.PostAsync("/v1/generate", Form(ImagePath("rgba_300x200.png"), fields)), HttpStatusCode.OK);
+        // The golden caption: its ids include byte tokens that only make text together (a U+FFFD), the streaming edge case.
+        var fields = GoldenFields();
+        var plain = await JsonOf(await _client.PostAsync("/v1/generate", Form(ImagePath(), fields)), HttpStatusCode.OK);
 
         using var request = new HttpRequestMessage(HttpMethod.Post, "/v1/generate")
         {
-            Content = Form(ImagePath("rgba_300x200.png"), how == "stream" ? [.. fields, ("stream", value)] : fields),
+            Content = Form(ImagePath(), how == "stream" ? [.. fields, ("stream", value)] : fields),
         };
         if (how == "accept") request.Headers.Accept.ParseAdd(value);
         using var response = await _client.SendAsync(request);
@@ -181,6 +185,7 @@ public sealed class ServeTests(ServerFixture fixture) : IClassFixture<ServerFixt
         string text = plain.GetProperty("text").GetString()!;
         Assert.Equal(text, string.Concat(tokens.Select(t => t.GetProperty("text").GetString())));
         Assert.Equal(text, final.GetProperty("text").GetString());
+        Assert.Equal(_caption.Json.GetProperty("generated_text")[0].GetString(), text);
         int[] ids = Ints(plain.GetProperty("generated_ids"));
         Assert.Equal(ids, Ints(final.GetProperty("generated_ids")));
         Assert.Equal(ids, tokens.Where(t => t.GetProperty("id").ValueKind == JsonValueKind.Number).Select(t => t.GetProperty("id").GetInt32()));
