@@ -48,6 +48,13 @@ def rss_mib():
                 return int(line.split()[1]) / 1024
     return -1
 
+def health():
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/healthz")
+    p = json.loads(c.getresponse().read())["process"]
+    c.close()
+    return {"heap_mib": round(p["gc_heap_bytes"] / 2**20, 1), "committed_mib": round(p["gc_committed_bytes"] / 2**20, 1), "gen2": p["gc_gen2_collections"], "threads": p["thread_pool_threads"]}
+
 def multipart(image_path, fields):
     boundary = uuid.uuid4().hex
     parts = []
@@ -172,11 +179,15 @@ threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
 for t in threads:
     t.start()
 mid_taken = False
+series, next_sample = [], start + 10
 while any(t.is_alive() for t in threads):
     time.sleep(0.5)
     if not mid_taken and time.time() >= start + seconds / 2:
         samples.append(("middle", round(time.time() - start, 1), rss_mib()))
         mid_taken = True
+    if time.time() >= next_sample:
+        series.append({"t": round(time.time() - start), "rss_mib": round(rss_mib(), 1), **health()})
+        next_sample += 10
 for t in threads:
     t.join()
 elapsed = time.time() - start
@@ -188,6 +199,7 @@ summary = {
     "requests_per_second": round(counts["requests"] / elapsed, 1),
     "latency_ms_p50": pct(0.50), "latency_ms_p99": pct(0.99),
     "rss_mib": {name: round(v, 1) for name, _, v in samples},
+    "every_10s": series,
 }
 print(json.dumps(summary))
 for e in errors[:10]:

@@ -119,6 +119,16 @@ public sealed class PaliGemmaServer : IAsyncDisposable
             w.WriteNumber("running", _engine.Running);
             w.WriteNumber("waiting", _engine.Waiting);
             w.WriteNumber("served", _engine.Served);
+            // Memory figures for soak tests and dashboards: RSS, the managed heap after the last GC, and GC counts.
+            var gc = GC.GetGCMemoryInfo();
+            w.WriteStartObject("process");
+            w.WriteNumber("working_set_bytes", Environment.WorkingSet);
+            w.WriteNumber("gc_heap_bytes", gc.HeapSizeBytes);
+            w.WriteNumber("gc_committed_bytes", gc.TotalCommittedBytes);
+            w.WriteNumber("gc_gen0_collections", GC.CollectionCount(0));
+            w.WriteNumber("gc_gen2_collections", GC.CollectionCount(2));
+            w.WriteNumber("thread_pool_threads", ThreadPool.ThreadCount);
+            w.WriteEndObject();
             w.WriteEndObject();
         });
     }
