@@ -248,7 +248,7 @@ public sealed class ServeTests(ServerFixture fixture) : IClassFixture<ServerFixt
         { "bad-max-new-tokens", 400, "max_new_tokens must be an integer" },
         { "zero-max-new-tokens", 400, "max_new_tokens must be an integer" },
         { "bad-temperature", 400, "temperature must be a number" },
-        { "bad-top-p", 400, "top_p must be a number" },
+        { "bad-top-p", 400, "top_p must be a number above 0 and at most 1" },
         { "bad-seed", 400, "seed must be a non-negative integer" },
         { "unknown-task", 400, "unknown task 'count'" },
         { "answer-without-question", 400, "needs a 'question' field" },
@@ -413,6 +413,31 @@ public sealed class ServeLifecycleTests
         gate.Release.SetResult();
         Assert.Equal(HttpStatusCode.OK, (await first).StatusCode);
         Assert.Equal(HttpStatusCode.OK, (await client.PostAsync("/v1/generate", GoldenForm())).StatusCode);
+    }
+
+    [Fact]
+    public async Task A_model_that_fails_to_load_gets_503_from_healthz_and_generate()
+    {
+        string empty = Directory.CreateTempSubdirectory("pg-serve-").FullName;
+        try
+        {
+            var server = PaliGemmaServer.Create(new ServeOptions { ModelDirectory = empty, Urls = ["http://127.0.0.1:0"], Quiet = true });
+            await using var _ = server;
+            await server.StartAsync();
+            await Assert.ThrowsAnyAsync<Exception>(() => server.ModelReady);
+            using var client = new HttpClient { BaseAddress = new Uri(server.Urls.First()) };
+            var health = await client.GetAsync("/healthz");
+            Assert.Equal(HttpStatusCode.ServiceUnavailable, health.StatusCode);
+            using var body = JsonDocument.Parse(await health.Content.ReadAsStringAsync());
+            Assert.Equal("failed", body.RootElement.GetProperty("status").GetString());
+            var generate = await client.PostAsync("/v1/generate", GoldenForm());
+            Assert.Equal(HttpStatusCode.ServiceUnavailable, generate.StatusCode);
+            Assert.Contains("failed to load", await generate.Content.ReadAsStringAsync());
+        }
+        finally
+        {
+            Directory.Delete(empty, true);
+        }
     }
 
     [Fact]

@@ -42,7 +42,7 @@ internal static class RequestChecks
     {
         if (text is null) return fallback;
         if (!float.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out float value) || !(value >= min && value <= max))
-            throw new RequestException(400, $"{name} must be a number between {min} and {max}, got '{Clip(text)}'");
+            throw new RequestException(400, $"{name} must be a number {Range(min, max)}, got '{Clip(text)}'");
         return value;
     }
 
@@ -70,6 +70,10 @@ internal static class RequestChecks
 
     public static bool WantsEventStream(HttpRequest request) =>
         request.Headers.Accept.ToString().Contains("text/event-stream", StringComparison.OrdinalIgnoreCase);
+
+    /// <summary>"between 0 and 100", or "above 0 and at most 1" for a range that excludes zero (top_p).</summary>
+    public static string Range(float min, float max) =>
+        min == float.Epsilon ? $"above 0 and at most {max}" : $"between {min} and {max}";
 
     public static string Clip(string text) => text.Length <= 40 ? text : text[..40] + "...";
 }
@@ -291,7 +295,7 @@ internal sealed record ChatRequest(InferenceJob Job, bool Stream, bool IncludeUs
     {
         if (!root.TryGetProperty(name, out var e) || e.ValueKind == JsonValueKind.Null) return fallback;
         if (e.ValueKind != JsonValueKind.Number || !e.TryGetDouble(out double value) || !(value >= min && value <= max))
-            throw new RequestException(400, $"{name} must be a number between {min} and {max}, got {RequestChecks.Clip(e.GetRawText())}");
+            throw new RequestException(400, $"{name} must be a number {RequestChecks.Range(min, max)}, got {RequestChecks.Clip(e.GetRawText())}");
         return (float)value;
     }
 
