@@ -81,7 +81,7 @@ public sealed record PaliGemmaConfig
                 NumHiddenLayers = rt.NumHiddenLayers ?? 28,
                 IntermediateSize = rt.IntermediateSize ?? 24576,
                 NumAttentionHeads = rt.NumAttentionHeads ?? 16,
-                NumKeyValueHeads = rt.NumKeyValueHeads ?? rt.NumAttentionHeads ?? 16,
+                NumKeyValueHeads = rt.NumKeyValueHeads ?? 16,   // GemmaConfig default, not the head count
                 HeadDim = rt.HeadDim ?? 256,
                 VocabSize = rt.VocabSize ?? 256000,
                 RmsNormEps = (float)(rt.RmsNormEps ?? 1e-6),

@@ -41,6 +41,29 @@ public sealed class PaliGemmaSession
         _realTokens = new int[batch];
     }
 
+    /// <summary>
+    /// A session over a cache the caller owns (for example one taken from a pool): the cache is reset here and must have
+    /// been made by this model's <see cref="GemmaDecoder.CreateCache"/> (same layers, key width and sliding windows).
+    /// </summary>
+    public PaliGemmaSession(PaliGemmaModel model, KvCache cache, LoraAdapter? adapter = null)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        model.CheckAdapter(adapter);
+        var text = model.Config.Text;
+        if (cache.Layers != text.NumHiddenLayers || cache.KvWidth != model.Decoder.KvWidth)
+            throw new ArgumentException($"the cache was made for {cache.Layers} layers of {cache.KvWidth} floats, not this model's {text.NumHiddenLayers} of {model.Decoder.KvWidth}", nameof(cache));
+        for (int l = 0; l < cache.Layers; l++)
+        {
+            if (cache.Window(l) != text.LayerWindow(l))
+                throw new ArgumentException($"the cache's layer {l} has sliding window {cache.Window(l)}, the model's {text.LayerWindow(l)}", nameof(cache));
+        }
+        _model = model;
+        Adapter = adapter;
+        _cache = cache;
+        _cache.Reset();
+        _realTokens = new int[cache.Batch];
+    }
+
     public int Batch => _cache.Batch;
     public int Capacity => _cache.Capacity;
     public int Length => _cache.Length;
