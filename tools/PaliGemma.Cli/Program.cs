@@ -18,6 +18,7 @@ public static class Program
           paligemma decode-output --text RAW (--width W --height H | --annotate-image FILE --out OUT.png) [--vae FILE] [--json]
           paligemma batch    --model DIR --input FILE.jsonl [--output FILE.jsonl] [--vae FILE] [--max-new-tokens N] [--quiet]
           paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
+          paligemma serve    --model DIR [--urls http://127.0.0.1:8080] [--max-concurrency N] [--max-queue Q] [--max-request-bytes B] [--vae FILE] [--shutdown-timeout S] [--quiet]
           paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--json] [--quiet]
           paligemma help | --help | --version
 
@@ -58,6 +59,11 @@ public static class Program
           Writes one JSON result per line (stdout unless --output), progress on stderr; a bad line gets {"line", "error"}
           and the run goes on; exit code 1 when any line failed.
 
+        serve answers HTTP: POST /v1/generate (multipart: image + prompt or task), POST /v1/chat/completions (OpenAI style,
+        data: URL image), GET /healthz, GET /v1/models; see README "HTTP server". Without --urls it listens on $PORT (all
+        interfaces) or 127.0.0.1:8080. Defaults: --max-concurrency 1, --max-queue 16 (more get 503 + Retry-After),
+        --max-request-bytes 20971520, --shutdown-timeout 30 (seconds to finish in-flight requests on SIGTERM / Ctrl-C).
+
         synth writes a random-weight checkpoint (config.json copied, tokenizer.model, safetensors shards + index) for benchmarks.
         bench times preprocess, vision, prefill and decode (medians over --runs; default 3 runs, 32 new tokens, greedy,
         never stopping at <eos>), the weight GB/s decode streams, peak RSS, bytes allocated per decode token and a
@@ -91,6 +97,7 @@ public static class Program
                 "batch" => BatchCommand.Run(args[1..]),
                 "synth" => SynthCommand.Run(args[1..]),
                 "bench" => BenchCommand.Run(args[1..]),
+                "serve" => Serve.ServeCommand.Run(args[1..]),
                 _ => throw new UsageException($"unknown command '{args[0]}'"),
             };
         }
