@@ -130,27 +130,8 @@ public sealed class PaliGemmaService : IAsyncDisposable
     {
         ArgumentNullException.ThrowIfNull(image);
         ArgumentNullException.ThrowIfNull(prompt);
-        var task = TaskPrompts.TaskOf(prompt);
         var generated = await GenerateAsync(new GenerationRequest(image, prompt), options, cancellationToken).ConfigureAwait(false);
-        IReadOnlyList<DetectedObject> objects = task is PaliGemmaTask.Detect or PaliGemmaTask.Segment
-            ? OutputParser.Parse(generated.Text, image.Width, image.Height)
-            : [];
-        long started = Stopwatch.GetTimestamp();
-        if (maskDecoder is not null) PaliGemmaTasks.DecodeMasks(objects, maskDecoder);
-        return new TaskResult
-        {
-            Task = task,
-            Prompt = prompt,
-            Text = generated.Text,
-            Objects = objects,
-            ImageWidth = image.Width,
-            ImageHeight = image.Height,
-            PromptIds = generated.PromptIds,
-            GeneratedIds = generated.GeneratedIds,
-            StoppedAtEos = generated.StoppedAtEos,
-            Timings = generated.Timings,
-            MaskDecode = Stopwatch.GetElapsedTime(started),
-        };
+        return PaliGemmaTasks.ToTaskResult(image, prompt, generated, maskDecoder);
     }
 
     /// <summary>

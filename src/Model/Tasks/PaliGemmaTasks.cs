@@ -61,13 +61,22 @@ public sealed class PaliGemmaTasks
     {
         ArgumentNullException.ThrowIfNull(image);
         ArgumentNullException.ThrowIfNull(prompt);
-        var task = TaskPrompts.TaskOf(prompt);
         var generated = _generator.Generate(new GenerationRequest(image, prompt), options ?? new GenerationOptions(), null, cancellationToken);
+        return ToTaskResult(image, prompt, generated, MaskDecoder);
+    }
+
+    /// <summary>
+    /// Turns a finished generation into a task result: detect and segment answers are parsed into objects (boxes in
+    /// <paramref name="image"/>'s pixels) and, with a <paramref name="maskDecoder"/>, segment masks are decoded.
+    /// </summary>
+    public static TaskResult ToTaskResult(RgbImage image, string prompt, GenerationResult generated, MaskDecoder? maskDecoder)
+    {
+        var task = TaskPrompts.TaskOf(prompt);
         IReadOnlyList<DetectedObject> objects = task is PaliGemmaTask.Detect or PaliGemmaTask.Segment
             ? OutputParser.Parse(generated.Text, image.Width, image.Height)
             : [];
         var clock = Stopwatch.StartNew();
-        if (MaskDecoder is not null) DecodeMasks(objects, MaskDecoder);
+        if (maskDecoder is not null) DecodeMasks(objects, maskDecoder);
         return new TaskResult
         {
             Task = task,
