@@ -1,13 +1,34 @@
 #!/usr/bin/env bash
-# Publishes the NativeAOT `paligemma` binary and runs it on every single-image golden sample, comparing the
-# generated ids with the transformers reference in tests/golden/*/cases.json (PaliGemma 1) and tests/golden-pg2/*/cases.json
-# (PaliGemma 2). Usage: scripts/aot-golden-check.sh [out-dir]
+# Publishes both NativeAOT `paligemma` binaries (scripts/publish-aot.sh: out/aot-v4 for AVX-512, out/aot-v3 for AVX2) and
+# runs every single-image golden sample through each, comparing the generated and prompt ids with the transformers
+# reference in tests/golden/*/cases.json (PaliGemma 1) and tests/golden-pg2/*/cases.json (PaliGemma 2).
+# The v4 binary is skipped (with a note) on a CPU without AVX-512, where it cannot start.
+# Needs python3 for the JSON comparison (the CI image, Debian, has Python 3.11).
+# Usage: scripts/aot-golden-check.sh [out-root] [--no-publish]   (default out-root: out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-out/aot}"
-dotnet publish tools/PaliGemma.Cli -c Release -r linux-x64 -p:PublishAot=true -o "$out" >/dev/null
-echo "binary: $out/paligemma ($(stat -c %s "$out/paligemma") bytes)"
-python3 - "$out/paligemma" <<'PY'
+root="out"
+publish=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-publish) publish=0 ;;
+        *) root="$arg" ;;
+    esac
+done
+command -v python3 >/dev/null || { echo "aot-golden-check: python3 is required to compare the JSON outputs" >&2; exit 1; }
+if [[ $publish == 1 ]]; then scripts/publish-aot.sh "$root"; fi
+
+check() {
+    local level="$1" expected_width="$2" binary="$root/aot-$1/paligemma" version
+    [[ -x "$binary" ]] || { echo "aot-golden-check: $binary missing (run scripts/publish-aot.sh)" >&2; return 1; }
+    version="$("$binary" --version)"
+    # The instruction set must reach the kernels: a v4 binary that reports Vector256 would silently run at half width.
+    if [[ "$version" != *"NativeAOT"* || "$version" != *"$expected_width"* ]]; then
+        echo "aot-golden-check: $binary reports '$version', expected NativeAOT with $expected_width" >&2
+        return 1
+    fi
+    echo "== x86-64-$level: $binary ($(stat -c %s "$binary") bytes): $version"
+    python3 - "$binary" <<'PY'
 import json, subprocess, sys
 binary, failures, runs = sys.argv[1], 0, 0
 for root, case in [(r, c) for r in ("tests/golden", "tests/golden-pg2") for c in json.load(open(f"{r}/index.json"))["cases"]]:
@@ -25,3 +46,11 @@ for root, case in [(r, c) for r in ("tests/golden", "tests/golden-pg2") for c in
 print(f"{runs - failures} passed, {failures} failed")
 sys.exit(1 if failures else 0)
 PY
+}
+
+if grep -qw avx512f /proc/cpuinfo; then
+    check v4 Vector512
+else
+    echo "== x86-64-v4: skipped, this CPU has no AVX-512 (the v4 binary would refuse to start)"
+fi
+check v3 Vector256

@@ -20,6 +20,7 @@ public static class Program
           paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
           paligemma serve    --model DIR [--urls http://127.0.0.1:8080] [--max-concurrency N] [--max-queue Q] [--max-request-bytes B] [--vae FILE] [--shutdown-timeout S] [--quiet]
           paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--json] [--quiet]
+          paligemma bench --cold-start --model DIR [--binary PATH] [--runs N] [--image FILE] [--prompt TEXT] [--tokenizer FILE] [--no-first-token] [--json] [--quiet]
           paligemma help | --help | --version
 
         generate options:
@@ -68,6 +69,8 @@ public static class Program
         bench times preprocess, vision, prefill and decode (medians over --runs; default 3 runs, 32 new tokens, greedy,
         never stopping at <eos>), the weight GB/s decode streams, peak RSS, bytes allocated per decode token and a
         memory read probe (--probe-mb, default 1024; 0 skips it).
+        bench --cold-start starts --binary (default: this paligemma) --runs times (default 5); each process loads the model,
+        computes the first greedy token and exits. Medians of process start -> model ready, start -> first token and peak RSS.
         """;
 
     public static int Main(string[] args)
@@ -96,8 +99,9 @@ public static class Program
                 "decode-output" => DecodeOutputCommand.Run(args[1..]),
                 "batch" => BatchCommand.Run(args[1..]),
                 "synth" => SynthCommand.Run(args[1..]),
-                "bench" => BenchCommand.Run(args[1..]),
+                "bench" => args.Contains("--cold-start") ? ColdStartCommand.Run(args[1..]) : BenchCommand.Run(args[1..]),
                 "serve" => Serve.ServeCommand.Run(args[1..]),
+                ColdStartCommand.ProbeCommand => ColdStartCommand.Probe(args[1..]),
                 _ => throw new UsageException($"unknown command '{args[0]}'"),
             };
         }
