@@ -18,7 +18,9 @@ public static class Program
           paligemma decode-output --text RAW (--width W --height H | --annotate-image FILE --out OUT.png) [--vae FILE] [--json]
           paligemma batch    --model DIR --input FILE.jsonl [--output FILE.jsonl] [--vae FILE] [--max-new-tokens N] [--quiet]
           paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
-          paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--json] [--quiet]
+          paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--dtype q8|nf4] [--json] [--quiet]
+          paligemma quantize --model DIR --to q8|nf4 --out DIR [--quiet]
+          paligemma eval-quant --model DIR --image FILE (--dtype q8|nf4 | --quantized DIR) [--prompt TEXT] [--new-tokens N] [--tokenizer FILE]
           paligemma help | --help | --version
 
         generate options:
@@ -33,6 +35,7 @@ public static class Program
           --tokenizer FILE       tokenizer.model to use instead of the one in the model folder
           --adapter DIR          PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), applied at run time
           --merge-adapter        merge the --adapter into the weights at load instead (fp32 copies of the adapted matrices)
+          --dtype q8|nf4         quantize the Linear weights at load (embedding / LM head: q8); quantized folders load as stored
           --json                 print one JSON object: text, ids and timings
           --logits-out FILE.npy  write every generated step's logits as float32 [steps, vocab]
           --quiet                no progress on stderr
@@ -61,7 +64,9 @@ public static class Program
         synth writes a random-weight checkpoint (config.json copied, tokenizer.model, safetensors shards + index) for benchmarks.
         bench times preprocess, vision, prefill and decode (medians over --runs; default 3 runs, 32 new tokens, greedy,
         never stopping at <eos>), the weight GB/s decode streams, peak RSS, bytes allocated per decode token and a
-        memory read probe (--probe-mb, default 1024; 0 skips it).
+        memory read probe (--probe-mb, default 1024; 0 skips it). bench --dtype q8|nf4 quantizes at load.
+        quantize writes one model.safetensors with q8 or nf4 blocks (see README, "Quantized weights"), copies config.json and
+        the tokenizer; the result loads memory-mapped. eval-quant compares a quantized model with the float one.
         """;
 
     public static int Main(string[] args)
@@ -91,6 +96,8 @@ public static class Program
                 "batch" => BatchCommand.Run(args[1..]),
                 "synth" => SynthCommand.Run(args[1..]),
                 "bench" => BenchCommand.Run(args[1..]),
+                "quantize" => QuantizeCommand.Run(args[1..]),
+                "eval-quant" => EvalQuantCommand.Run(args[1..]),
                 _ => throw new UsageException($"unknown command '{args[0]}'"),
             };
         }
