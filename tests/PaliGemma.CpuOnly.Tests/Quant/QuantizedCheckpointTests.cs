@@ -115,4 +115,18 @@ public sealed class QuantizedCheckpointTests : IDisposable
         Assert.Equal(2, code);
         Assert.Contains("--to", err);
     }
+
+    [Fact]
+    public void Eval_quant_reports_cosine_and_agreement_for_a_quantized_folder()
+    {
+        string source = Path.Combine(TestPaths.Golden, "tiny-mqa-56");
+        Assert.Equal(0, CliTests.Run("quantize", "--model", source, "--to", "q8", "--out", _temp, "--quiet").Code);
+        var (code, stdout, err) = CliTests.Run("eval-quant", "--model", source, "--quantized", _temp, "--image", Path.Combine(source, "rgb_640x480.png"),
+            "--new-tokens", "6", "--quiet");
+        Assert.True(code == 0, err);
+        var match = System.Text.RegularExpressions.Regex.Match(stdout, @"^q8: prefix logits cosine (\d\.\d+), max relative diff \d\.\d+; top-1 agreement (\d+)/(\d+)");
+        Assert.True(match.Success, stdout);
+        Assert.InRange(double.Parse(match.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture), 0.99, 1.0);
+        Assert.Equal("6", match.Groups[3].Value);
+    }
 }
