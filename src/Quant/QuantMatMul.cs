@@ -14,6 +14,8 @@ namespace PaliGemma.CpuOnly.Quant;
 /// </summary>
 public static unsafe class QuantMatMul
 {
+    internal enum GemvPath { Scalar, Vector256, Vector512 }
+
     /// <summary>Up to this many x rows take the streaming GEMV (each W block is read once per group of 4 rows).</summary>
     public const int GemvMaxRows = 4;
     // W rows per GEMV work item: enough to amortize the scheduling, small enough to balance the threads.
@@ -25,10 +27,15 @@ public static unsafe class QuantMatMul
 
     /// <summary>y[m, n] = sum_k x[m, k] · W[n, k] + bias[n] for m &lt; rows; then y = cap · tanh(y / cap) when <paramref name="outputSoftCap"/> &gt; 0.</summary>
     public static void Multiply(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap = 0f) =>
-        Multiply(x, rows, w, bias, y, outputSoftCap, Avx512F.IsSupported && Avx512BW.IsSupported);
+        Multiply(x, rows, w, bias, y, outputSoftCap, BestGemvPath);
 
-    /// <summary>As the public overload; <paramref name="useVector512"/> = false forces the portable scalar GEMV (tests compare both).</summary>
-    internal static void Multiply(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap, bool useVector512)
+    /// <summary>The widest GEMV this CPU runs: AVX-512, else AVX2 + FMA, else the portable scalar loop.</summary>
+    internal static GemvPath BestGemvPath { get; } =
+        Avx512F.IsSupported && Avx512BW.IsSupported ? GemvPath.Vector512 :
+        Avx2.IsSupported && Fma.IsSupported ? GemvPath.Vector256 : GemvPath.Scalar;
+
+    /// <summary>As the public overload with the GEMV path chosen by the caller (tests run each one the CPU supports).</summary>
+    internal static void Multiply(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap, GemvPath path)
     {
         ArgumentNullException.ThrowIfNull(w);
         ArgumentOutOfRangeException.ThrowIfNegative(rows);
@@ -45,12 +52,12 @@ public static unsafe class QuantMatMul
             return;
 
         if (rows <= GemvMaxRows)
-            Gemv(x, rows, w, bias, y, outputSoftCap, useVector512);
+            Gemv(x, rows, w, bias, y, outputSoftCap, path);
         else
             PanelGemm(x, rows, w, bias, y, outputSoftCap);
     }
 
-    private static void Gemv(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float softCap, bool useVector512)
+    private static void Gemv(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float softCap, GemvPath path)
     {
         int k = w.Cols;
         int padded = w.BlocksPerRow * w.Format.BlockSize();
@@ -69,7 +76,7 @@ public static unsafe class QuantMatMul
             fixed (float* bp = bias)
             fixed (float* yp = y)
             {
-                var job = new GemvJob(w, xp, padded, rows, bias.IsEmpty ? null : bp, yp, softCap, useVector512);
+                var job = new GemvJob(w, xp, padded, rows, bias.IsEmpty ? null : bp, yp, softCap, path);
                 int items = (w.Rows + GemvRowsPerItem - 1) / GemvRowsPerItem;
                 bool parallel = (long)w.Rows * padded >= GemvParallelThreshold && KernelThreading.MaxThreads > 1 && items > 1;
                 if (parallel)
@@ -84,7 +91,7 @@ public static unsafe class QuantMatMul
         }
     }
 
-    private sealed class GemvJob(QuantizedMatrix w, float* x, int xStride, int rows, float* bias, float* y, float softCap, bool useVector512)
+    private sealed class GemvJob(QuantizedMatrix w, float* x, int xStride, int rows, float* bias, float* y, float softCap, GemvPath path)
     {
         public void Run(int item)
         {
@@ -101,12 +108,19 @@ public static unsafe class QuantMatMul
                     int count = Math.Min(4, rows - m);
                     float* xm = x + (long)m * xStride;
                     float s0, s1, s2, s3;
-                    if (useVector512)
+                    if (path == GemvPath.Vector512)
                     {
                         if (w.Format == QuantFormat.Q8)
                             DotQ8Vector512(codes, scales, blocks, xm, xStride, count, out s0, out s1, out s2, out s3);
                         else
                             DotNf4Vector512(codes, scales, blocks, xm, xStride, count, out s0, out s1, out s2, out s3);
+                    }
+                    else if (path == GemvPath.Vector256)
+                    {
+                        if (w.Format == QuantFormat.Q8)
+                            DotQ8Vector256(codes, scales, blocks, xm, xStride, count, out s0, out s1, out s2, out s3);
+                        else
+                            DotNf4Vector256(codes, scales, blocks, xm, xStride, count, out s0, out s1, out s2, out s3);
                     }
                     else
                     {
@@ -203,6 +217,74 @@ public static unsafe class QuantMatMul
         t = Vector512.FusedMultiplyAdd(w2, Vector512.Load(x + 32), t);
         return Vector512.FusedMultiplyAdd(w3, Vector512.Load(x + 48), t);
     }
+
+    private static void DotQ8Vector256(byte* codes, float* scales, int blocks, float* x, int xStride, int count,
+        out float s0, out float s1, out float s2, out float s3)
+    {
+        Vector256<float> a0 = Vector256<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
+        for (int b = 0; b < blocks; b++)
+        {
+            sbyte* q = (sbyte*)codes + b * 32;
+            Vector256<float> w0 = Avx.ConvertToVector256Single(Avx2.ConvertToVector256Int32(q));
+            Vector256<float> w1 = Avx.ConvertToVector256Single(Avx2.ConvertToVector256Int32(q + 8));
+            Vector256<float> w2 = Avx.ConvertToVector256Single(Avx2.ConvertToVector256Int32(q + 16));
+            Vector256<float> w3 = Avx.ConvertToVector256Single(Avx2.ConvertToVector256Int32(q + 24));
+            Vector256<float> s = Vector256.Create(scales[b]);
+            int o = b * 32;
+            a0 = Fma.MultiplyAdd(Block32(w0, w1, w2, w3, x + o), s, a0);
+            if (count > 1) a1 = Fma.MultiplyAdd(Block32(w0, w1, w2, w3, x + xStride + o), s, a1);
+            if (count > 2) a2 = Fma.MultiplyAdd(Block32(w0, w1, w2, w3, x + 2 * xStride + o), s, a2);
+            if (count > 3) a3 = Fma.MultiplyAdd(Block32(w0, w1, w2, w3, x + 3 * xStride + o), s, a3);
+        }
+        s0 = Vector256.Sum(a0); s1 = Vector256.Sum(a1); s2 = Vector256.Sum(a2); s3 = Vector256.Sum(a3);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector256<float> Block32(Vector256<float> w0, Vector256<float> w1, Vector256<float> w2, Vector256<float> w3, float* x)
+    {
+        Vector256<float> t = w0 * Vector256.Load(x);
+        t = Fma.MultiplyAdd(w1, Vector256.Load(x + 8), t);
+        t = Fma.MultiplyAdd(w2, Vector256.Load(x + 16), t);
+        return Fma.MultiplyAdd(w3, Vector256.Load(x + 24), t);
+    }
+
+    private static void DotNf4Vector256(byte* codes, float* scales, int blocks, float* x, int xStride, int count,
+        out float s0, out float s1, out float s2, out float s3)
+    {
+        ReadOnlySpan<float> table = Quantizer.Nf4Codes;
+        // 16 codes in two 8-lane tables; bit 3 of the code picks the table (moved to the sign bit for the blend).
+        Vector256<float> lowTable = Vector256.Create(table[..8]), highTable = Vector256.Create(table[8..]);
+        Vector256<int> nibble = Vector256.Create(0xF);
+        Vector256<float> a0 = Vector256<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
+        for (int b = 0; b < blocks; b++)
+        {
+            byte* q = codes + b * 32;
+            Vector256<float> s = Vector256.Create(scales[b]);
+            Vector256<float> t0 = Vector256<float>.Zero, t1 = t0, t2 = t0, t3 = t0;
+            int o = b * 64;
+            for (int c = 0; c < 4; c++)
+            {
+                // Bytes 8c..8c+7 hold elements 8c.. (low nibbles) and 32 + 8c.. (high nibbles).
+                Vector256<int> packed = Avx2.ConvertToVector256Int32(q + 8 * c);
+                Vector256<float> low = Lookup(lowTable, highTable, packed & nibble);
+                Vector256<float> high = Lookup(lowTable, highTable, Avx2.ShiftRightLogical(packed, 4));
+                int e = o + 8 * c;
+                t0 = Fma.MultiplyAdd(low, Vector256.Load(x + e), Fma.MultiplyAdd(high, Vector256.Load(x + e + 32), t0));
+                if (count > 1) t1 = Fma.MultiplyAdd(low, Vector256.Load(x + xStride + e), Fma.MultiplyAdd(high, Vector256.Load(x + xStride + e + 32), t1));
+                if (count > 2) t2 = Fma.MultiplyAdd(low, Vector256.Load(x + 2 * xStride + e), Fma.MultiplyAdd(high, Vector256.Load(x + 2 * xStride + e + 32), t2));
+                if (count > 3) t3 = Fma.MultiplyAdd(low, Vector256.Load(x + 3 * xStride + e), Fma.MultiplyAdd(high, Vector256.Load(x + 3 * xStride + e + 32), t3));
+            }
+            a0 = Fma.MultiplyAdd(t0, s, a0);
+            a1 = Fma.MultiplyAdd(t1, s, a1);
+            a2 = Fma.MultiplyAdd(t2, s, a2);
+            a3 = Fma.MultiplyAdd(t3, s, a3);
+        }
+        s0 = Vector256.Sum(a0); s1 = Vector256.Sum(a1); s2 = Vector256.Sum(a2); s3 = Vector256.Sum(a3);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector256<float> Lookup(Vector256<float> lowTable, Vector256<float> highTable, Vector256<int> code) =>
+        Avx.BlendVariable(Avx2.PermuteVar8x32(lowTable, code), Avx2.PermuteVar8x32(highTable, code), Avx2.ShiftLeftLogical(code, 28).AsSingle());
 
     private static void DotScalar(QuantFormat format, byte* codes, float* scales, int blocks, float* x, int xStride, int count,
         out float s0, out float s1, out float s2, out float s3)

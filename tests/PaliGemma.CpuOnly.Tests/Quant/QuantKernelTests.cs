@@ -1,3 +1,4 @@
+using System.Runtime.Intrinsics.X86;
 using FsCheck;
 using FsCheck.Fluent;
 using FsCheck.Xunit;
@@ -117,10 +118,22 @@ public sealed unsafe class QuantKernelTests
     }
 
     [Property(Arbitrary = [typeof(QuantArbitraries)], MaxTest = 150)]
-    public void Fused_multiply_matches_dequantize_then_reference(QuantMatMulCase c) => Check(c, useVector512: null);
+    public void Fused_multiply_matches_dequantize_then_reference(QuantMatMulCase c) => Check(c, path: null);
 
     [Property(Arbitrary = [typeof(QuantArbitraries)], MaxTest = 60)]
-    public void Portable_gemv_matches_dequantize_then_reference(QuantMatMulCase c) => Check(c, useVector512: false);
+    public void Portable_gemv_matches_dequantize_then_reference(QuantMatMulCase c) => Check(c, QuantMatMul.GemvPath.Scalar);
+
+    [Property(Arbitrary = [typeof(QuantArbitraries)], MaxTest = 80)]
+    public void Avx2_gemv_matches_dequantize_then_reference(QuantMatMulCase c)
+    {
+        if (Avx2.IsSupported && Fma.IsSupported) Check(c, QuantMatMul.GemvPath.Vector256);
+    }
+
+    [Property(Arbitrary = [typeof(QuantArbitraries)], MaxTest = 80)]
+    public void Avx512_gemv_matches_dequantize_then_reference(QuantMatMulCase c)
+    {
+        if (Avx512F.IsSupported && Avx512BW.IsSupported) Check(c, QuantMatMul.GemvPath.Vector512);
+    }
 
     // Large enough for the parallel GEMV, several panels and the MatMul K blocks.
     [Theory]
@@ -129,9 +142,9 @@ public sealed unsafe class QuantKernelTests
     [InlineData(QuantFormat.Q8, 70, 1100, 530)]
     [InlineData(QuantFormat.Nf4, 9, 4500, 140)]
     public void Fused_multiply_matches_reference_on_parallel_shapes(QuantFormat format, int rows, int k, int n) =>
-        Check(new QuantMatMulCase(format, rows, k, n, Bias: true, SoftCap: 0f, Seed: rows * 7 + k), useVector512: null);
+        Check(new QuantMatMulCase(format, rows, k, n, Bias: true, SoftCap: 0f, Seed: rows * 7 + k), path: null);
 
-    private static void Check(QuantMatMulCase c, bool? useVector512)
+    private static void Check(QuantMatMulCase c, QuantMatMul.GemvPath? path)
     {
         var random = new Random(c.Seed);
         float[] x = RandomFloats(random, c.Rows * c.K, 2f);
@@ -140,8 +153,8 @@ public sealed unsafe class QuantKernelTests
         var q = QuantizeF32(weights, c.N, c.K, c.Format);
         var y = new float[(c.Rows + 1) * c.N];
         Array.Fill(y, 12345f);
-        if (useVector512 is { } v)
-            QuantMatMul.Multiply(x, c.Rows, q, bias, y, c.SoftCap, v);
+        if (path is { } p)
+            QuantMatMul.Multiply(x, c.Rows, q, bias, y, c.SoftCap, p);
         else
             QuantMatMul.Multiply(x, c.Rows, q, bias, y, c.SoftCap);
 
