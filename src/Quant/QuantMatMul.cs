@@ -22,8 +22,9 @@ public static unsafe class QuantMatMul
     private const int GemvRowsPerItem = 32;
     // Below this many weights the GEMV runs on the calling thread.
     private const long GemvParallelThreshold = 1L << 16;
-    // Target fp32 panel size for the prefill path (floats): a few MB, so it stays in the last-level cache.
-    private const int PanelFloats = 1 << 19;
+    // Target fp32 panel size for the prefill path (floats, 8 MB). The GEMM blocks K itself, so the panel need not fit in
+    // cache; it must be tall enough (64+ W rows) to give every thread several 64 x 64 tiles.
+    private const int PanelFloats = 1 << 21;
 
     /// <summary>y[m, n] = sum_k x[m, k] · W[n, k] + bias[n] for m &lt; rows; then y = cap · tanh(y / cap) when <paramref name="outputSoftCap"/> &gt; 0.</summary>
     public static void Multiply(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap = 0f) =>
@@ -99,7 +100,24 @@ public static unsafe class QuantMatMul
             int n1 = Math.Min(w.Rows, n0 + GemvRowsPerItem);
             int blocks = w.BlocksPerRow;
             int yStride = w.Rows;
-            for (int n = n0; n < n1; n++)
+            int n = n0;
+            if (rows == 1 && path == GemvPath.Vector512)
+            {
+                // One token: four W rows per pass share every x load (x of a long K row lives in L2, not L1).
+                Span<float> sums = stackalloc float[4];
+                for (; n + 4 <= n1; n += 4)
+                {
+                    byte* codes = w.Blocks + (long)n * blocks * 32;
+                    float* scales = w.Scales + (long)n * blocks;
+                    if (w.Format == QuantFormat.Q8)
+                        DotQ8FourRowsVector512(codes, scales, blocks, x, sums);
+                    else
+                        DotNf4FourRowsVector512(codes, scales, blocks, x, sums);
+                    for (int r = 0; r < 4; r++)
+                        Store(y + n + r, sums[r] + (bias == null ? 0f : bias[n + r]), softCap);
+                }
+            }
+            for (; n < n1; n++)
             {
                 byte* codes = w.Blocks + (long)n * blocks * 32;
                 float* scales = w.Scales + (long)n * blocks;
@@ -175,6 +193,64 @@ public static unsafe class QuantMatMul
             }
         }
         s0 = Vector512.Sum(a0); s1 = Vector512.Sum(a1); s2 = Vector512.Sum(a2); s3 = Vector512.Sum(a3);
+    }
+
+    private static void DotQ8FourRowsVector512(byte* codes, float* scales, int blocks, float* x, Span<float> sums)
+    {
+        nint rowBytes = (nint)blocks * 32;
+        sbyte* q0 = (sbyte*)codes, q1 = q0 + rowBytes, q2 = q1 + rowBytes, q3 = q2 + rowBytes;
+        float* c0 = scales, c1 = c0 + blocks, c2 = c1 + blocks, c3 = c2 + blocks;
+        Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
+        for (int b = 0; b < blocks; b++)
+        {
+            int o = b * 32;
+            Vector512<float> xl = Vector512.Load(x + o), xh = Vector512.Load(x + o + 16);
+            a0 = Vector512.FusedMultiplyAdd(Q8Block(q0 + o, xl, xh), Vector512.Create(c0[b]), a0);
+            a1 = Vector512.FusedMultiplyAdd(Q8Block(q1 + o, xl, xh), Vector512.Create(c1[b]), a1);
+            a2 = Vector512.FusedMultiplyAdd(Q8Block(q2 + o, xl, xh), Vector512.Create(c2[b]), a2);
+            a3 = Vector512.FusedMultiplyAdd(Q8Block(q3 + o, xl, xh), Vector512.Create(c3[b]), a3);
+        }
+        sums[0] = Vector512.Sum(a0); sums[1] = Vector512.Sum(a1); sums[2] = Vector512.Sum(a2); sums[3] = Vector512.Sum(a3);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Q8Block(sbyte* q, Vector512<float> xl, Vector512<float> xh)
+    {
+        Vector512<float> w0 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q)));
+        Vector512<float> w1 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16)));
+        return Vector512.FusedMultiplyAdd(w1, xh, w0 * xl);
+    }
+
+    private static void DotNf4FourRowsVector512(byte* codes, float* scales, int blocks, float* x, Span<float> sums)
+    {
+        nint rowBytes = (nint)blocks * 32;
+        byte* q0 = codes, q1 = q0 + rowBytes, q2 = q1 + rowBytes, q3 = q2 + rowBytes;
+        float* c0 = scales, c1 = c0 + blocks, c2 = c1 + blocks, c3 = c2 + blocks;
+        Vector512<float> table = Vector512.Create(Quantizer.Nf4Codes);
+        Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
+        for (int b = 0; b < blocks; b++)
+        {
+            float* xb = x + b * 64;
+            Vector512<float> x0 = Vector512.Load(xb), x1 = Vector512.Load(xb + 16), x2 = Vector512.Load(xb + 32), x3 = Vector512.Load(xb + 48);
+            int o = b * 32;
+            a0 = Vector512.FusedMultiplyAdd(Nf4Block(table, q0 + o, x0, x1, x2, x3), Vector512.Create(c0[b]), a0);
+            a1 = Vector512.FusedMultiplyAdd(Nf4Block(table, q1 + o, x0, x1, x2, x3), Vector512.Create(c1[b]), a1);
+            a2 = Vector512.FusedMultiplyAdd(Nf4Block(table, q2 + o, x0, x1, x2, x3), Vector512.Create(c2[b]), a2);
+            a3 = Vector512.FusedMultiplyAdd(Nf4Block(table, q3 + o, x0, x1, x2, x3), Vector512.Create(c3[b]), a3);
+        }
+        sums[0] = Vector512.Sum(a0); sums[1] = Vector512.Sum(a1); sums[2] = Vector512.Sum(a2); sums[3] = Vector512.Sum(a3);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Nf4Block(Vector512<float> table, byte* q, Vector512<float> x0, Vector512<float> x1, Vector512<float> x2, Vector512<float> x3)
+    {
+        Vector512<int> nibble = Vector512.Create(0xF);
+        Vector512<int> lo = Avx512F.ConvertToVector512Int32(Vector128.Load(q));
+        Vector512<int> hi = Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16));
+        Vector512<float> t = Avx512F.PermuteVar16x32(table, lo & nibble) * x0;
+        t = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, hi & nibble), x1, t);
+        t = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, Vector512.ShiftRightLogical(lo, 4)), x2, t);
+        return Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, Vector512.ShiftRightLogical(hi, 4)), x3, t);
     }
 
     private static void DotNf4Vector512(byte* codes, float* scales, int blocks, float* x0, int xStride, int count,
@@ -310,9 +386,8 @@ public static unsafe class QuantMatMul
     private static void PanelGemm(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float softCap)
     {
         int n = w.Rows, k = w.Cols;
-        // Panel height: a multiple of 16 W rows whose fp32 copy is about PanelFloats.
-        int height = Math.Clamp(PanelFloats / k / 16 * 16, 16, Math.Max(16, n));
-        height = Math.Min(height, n);
+        // Panel height: a multiple of 64 W rows (one GEMM tile) whose fp32 copy is about PanelFloats.
+        int height = Math.Min(Math.Max(64, PanelFloats / k / 64 * 64), n);
         float[] panel = ArrayPool<float>.Shared.Rent(height * k);
         float[] partial = ArrayPool<float>.Shared.Rent(rows * height);
         var options = new ParallelOptions { MaxDegreeOfParallelism = KernelThreading.MaxThreads };
