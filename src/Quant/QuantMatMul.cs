@@ -24,7 +24,7 @@ public static unsafe class QuantMatMul
     private const long GemvParallelThreshold = 1L << 16;
     // Target fp32 panel size for the prefill path (floats, 8 MB). The GEMM blocks K itself, so the panel need not fit in
     // cache; it must be tall enough (64+ W rows) to give every thread several 64 x 64 tiles.
-    private const int PanelFloats = 1 << 21;
+    private const int PanelFloats = 1 << 19;
 
     /// <summary>y[m, n] = sum_k x[m, k] · W[n, k] + bias[n] for m &lt; rows; then y = cap · tanh(y / cap) when <paramref name="outputSoftCap"/> &gt; 0.</summary>
     public static void Multiply(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap = 0f) =>
@@ -388,8 +388,9 @@ public static unsafe class QuantMatMul
         int n = w.Rows, k = w.Cols;
         // Panel height: a multiple of 64 W rows (one GEMM tile) whose fp32 copy is about PanelFloats.
         int height = Math.Min(Math.Max(64, PanelFloats / k / 64 * 64), n);
-        float[] panel = ArrayPool<float>.Shared.Rent(height * k);
-        float[] partial = ArrayPool<float>.Shared.Rent(rows * height);
+        // Per-thread buffers, kept between calls: panels are megabytes, beyond what the shared array pool keeps.
+        float[] panel = t_panel is { } p && p.Length >= height * k ? p : (t_panel = GC.AllocateUninitializedArray<float>(height * k));
+        float[] partial = t_partial is { } q && q.Length >= rows * height ? q : (t_partial = GC.AllocateUninitializedArray<float>(rows * height));
         var options = new ParallelOptions { MaxDegreeOfParallelism = KernelThreading.MaxThreads };
         try
         {
@@ -420,8 +421,11 @@ public static unsafe class QuantMatMul
         }
         finally
         {
-            ArrayPool<float>.Shared.Return(panel);
-            ArrayPool<float>.Shared.Return(partial);
+            // Very large prompts would otherwise pin their buffers to the thread for good.
+            if (partial.Length > 1 << 24) t_partial = null;
         }
     }
+
+    [ThreadStatic] private static float[]? t_panel;
+    [ThreadStatic] private static float[]? t_partial;
 }
