@@ -22,8 +22,7 @@ public static unsafe class QuantMatMul
     private const int GemvRowsPerItem = 32;
     // Below this many weights the GEMV runs on the calling thread.
     private const long GemvParallelThreshold = 1L << 16;
-    // Target fp32 panel size for the prefill path (floats, 8 MB). The GEMM blocks K itself, so the panel need not fit in
-    // cache; it must be tall enough (64+ W rows) to give every thread several 64 x 64 tiles.
+    // Target fp32 panel size for the prefill path (floats, 2 MB, about an L2). At least 64 W rows (one GEMM tile) per panel.
     private const int PanelFloats = 1 << 19;
 
     /// <summary>y[m, n] = sum_k x[m, k] · W[n, k] + bias[n] for m &lt; rows; then y = cap · tanh(y / cap) when <paramref name="outputSoftCap"/> &gt; 0.</summary>
