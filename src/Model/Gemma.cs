@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Quant;
 using PaliGemma.CpuOnly.Model.Lora;
 using PaliGemma.CpuOnly.Tensors;
 
@@ -21,6 +22,8 @@ public sealed class GemmaDecoder
     private readonly TextConfig _config;
     private readonly TensorData _embedTokens;
     private readonly WeightMatrix _lmHead;
+    // The tied embedding / LM head in q8 (quantized checkpoint or load-time quantization); when set, the two above are unused.
+    private QuantizedMatrix? _embedQuantized;
     private readonly DecoderLayer[] _layers;
     private readonly float[] _finalNorm;
 
@@ -32,8 +35,17 @@ public sealed class GemmaDecoder
     {
         _config = config;
         int h = config.HiddenSize, qWidth = config.NumAttentionHeads * config.HeadDim, kvWidth = config.NumKeyValueHeads * config.HeadDim;
-        _embedTokens = checkpoint.Require(Prefix + "embed_tokens.weight", [config.VocabSize, h]);
-        _lmHead = WeightMatrix.FromTensor(_embedTokens);
+        if (!checkpoint.Contains(Prefix + "embed_tokens.weight") &&
+            QuantizedCheckpoint.TryOpen(checkpoint, Prefix + "embed_tokens.weight", config.VocabSize, h) is { } quantized)
+        {
+            _embedQuantized = quantized.Format == QuantFormat.Q8 ? quantized
+                : throw new InvalidDataException($"'{checkpoint.Directory}': the embedding '{Prefix}embed_tokens.weight' is {quantized.Format.Name()}; quantized checkpoints store it as q8");
+        }
+        else
+        {
+            _embedTokens = checkpoint.Require(Prefix + "embed_tokens.weight", [config.VocabSize, h]);
+            _lmHead = WeightMatrix.FromTensor(_embedTokens);
+        }
         _layers = new DecoderLayer[config.NumHiddenLayers];
         for (int i = 0; i < _layers.Length; i++)
         {
@@ -61,7 +73,28 @@ public sealed class GemmaDecoder
     public TextConfig Config => _config;
     public int VocabSize => _config.VocabSize;
     /// <summary>Stored dtype of the embedding / LM head matrix.</summary>
-    public DType EmbeddingDType => _embedTokens.DType;
+    public DType EmbeddingDType => _embedQuantized is null ? _embedTokens.DType : DType.I8;
+    /// <summary>The q8 embedding / LM head when quantized, else null.</summary>
+    public QuantizedMatrix? QuantizedEmbedding => _embedQuantized;
+
+    /// <summary>
+    /// Bytes one decode step streams: every decoder matrix and the LM head as held now (quantized: codes plus scales;
+    /// float: the stored dtype). Norms and biases are left out (small fp32 arrays that stay in cache).
+    /// </summary>
+    public long DecodeWeightBytesPerToken()
+    {
+        long total = _embedQuantized?.StreamedBytes ?? (long)_lmHead.Rows * _lmHead.Cols * _lmHead.DType.SizeOf();
+        foreach (var linear in Linears)
+            total += linear.Quantized?.StreamedBytes ?? (long)linear.OutFeatures * linear.InFeatures * linear.Weight.DType.SizeOf();
+        return total;
+    }
+
+    /// <summary>Replaces the float embedding / LM head by a q8 copy (load-time quantization).</summary>
+    internal void QuantizeEmbedding()
+    {
+        if (_embedQuantized is null)
+            _embedQuantized = Quantizer.Quantize(_lmHead, QuantFormat.Q8);
+    }
     public int KvWidth => _config.NumKeyValueHeads * _config.HeadDim;
 
     /// <summary>sqrt(hidden) rounded to fp32, the factor Gemma multiplies its input embeddings by.</summary>
@@ -86,6 +119,12 @@ public sealed class GemmaDecoder
         if ((uint)tokenId >= (uint)_config.VocabSize)
             throw new ArgumentOutOfRangeException(nameof(tokenId), tokenId, $"token id outside the vocabulary of {_config.VocabSize}");
         long offset = (long)tokenId * h;
+        if (_embedQuantized is not null)
+        {
+            _embedQuantized.DequantizeRow(tokenId, destination[..h]);
+            TensorPrimitives.Multiply(destination[..h], EmbeddingScale, destination[..h]);
+            return;
+        }
         switch (_embedTokens.DType)
         {
             case DType.F32:
@@ -310,7 +349,9 @@ public sealed class GemmaDecoder
     /// <summary>Logits [rows, vocab] of final-normed hidden states through the tied LM head (Gemma 2: soft-capped in the same pass).</summary>
     public void Logits(ReadOnlySpan<float> normedHidden, int rows, Span<float> logits)
     {
-        if (_config.FinalLogitSoftcapping is { } cap)
+        if (_embedQuantized is not null)
+            QuantMatMul.Multiply(normedHidden, rows, _embedQuantized, default, logits, _config.FinalLogitSoftcapping ?? 0f);
+        else if (_config.FinalLogitSoftcapping is { } cap)
             MatMul.Multiply(normedHidden, rows, _lmHead, default, logits, cap);
         else
             MatMul.Multiply(normedHidden, rows, _lmHead, default, logits);

@@ -1,5 +1,6 @@
 using PaliGemma.CpuOnly.Kernels;
 using PaliGemma.CpuOnly.Model.Lora;
+using PaliGemma.CpuOnly.Quant;
 using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Model;
@@ -11,6 +12,8 @@ public sealed class Linear
     private readonly float[] _bias;
     // A merged LoRA weight: a private pinned fp32 array that _weight points into (null while the checkpoint's is used).
     private float[]? _ownedWeight;
+    // The weight in q8/nf4 blocks (mapped from a quantized checkpoint or quantized at load); when set, _weight is unused.
+    private QuantizedMatrix? _quantized;
 
     public Linear(WeightMatrix weight, float[]? bias) : this(weight, bias, "") { }
 
@@ -24,14 +27,19 @@ public sealed class Linear
     /// <summary>Loads <c>{prefix}.weight</c> [outFeatures, inFeatures] and, when <paramref name="hasBias"/>, <c>{prefix}.bias</c>.</summary>
     public static Linear Load(SafetensorsCheckpoint checkpoint, string prefix, int inFeatures, int outFeatures, bool hasBias)
     {
-        var weight = checkpoint.Require(prefix + ".weight", [outFeatures, inFeatures]);
         float[]? bias = hasBias ? checkpoint.Require(prefix + ".bias", [outFeatures]).ToFloatArray() : null;
+        if (!checkpoint.Contains(prefix + ".weight") && QuantizedCheckpoint.TryOpen(checkpoint, prefix + ".weight", outFeatures, inFeatures) is { } quantized)
+            return new Linear(default, bias, prefix) { _quantized = quantized };
+        var weight = checkpoint.Require(prefix + ".weight", [outFeatures, inFeatures]);
         return new Linear(WeightMatrix.FromTensor(weight), bias, prefix);
     }
 
-    public int InFeatures => _weight.Cols;
-    public int OutFeatures => _weight.Rows;
-    public WeightMatrix Weight => _weight;
+    public int InFeatures => _quantized?.Cols ?? _weight.Cols;
+    public int OutFeatures => _quantized?.Rows ?? _weight.Rows;
+    /// <summary>The q8/nf4 weight when the layer is quantized (then <see cref="Weight"/> is not used), else null.</summary>
+    public QuantizedMatrix? Quantized => _quantized;
+    public WeightMatrix Weight => _quantized is null ? _weight
+        : throw new NotSupportedException($"'{Name}' is quantized ({_quantized.Format.Name()}); it has no float weight matrix");
     /// <summary>The module path in the hub checkpoint (the weight's name without <c>.weight</c>), empty when built directly.</summary>
     public string Name { get; }
     /// <summary>True when a LoRA adapter was merged into a private fp32 copy of the weight at load.</summary>
@@ -40,24 +48,46 @@ public sealed class Linear
     /// <summary>Index of this layer among the model's adaptable layers; LoRA adapters look their modules up by it (-1: not adaptable).</summary>
     internal int AdapterSlot { get; set; } = -1;
 
-    public void Forward(ReadOnlySpan<float> x, int rows, Span<float> y) => MatMul.Multiply(x, rows, _weight, _bias, y);
+    public void Forward(ReadOnlySpan<float> x, int rows, Span<float> y)
+    {
+        if (_quantized is not null)
+            QuantMatMul.Multiply(x, rows, _quantized, _bias, y);
+        else
+            MatMul.Multiply(x, rows, _weight, _bias, y);
+    }
 
     /// <summary>y = x·Wᵀ + b, plus the low-rank term of <paramref name="adapter"/> when it adapts this layer.</summary>
     public void Forward(ReadOnlySpan<float> x, int rows, Span<float> y, LoraAdapter? adapter)
     {
-        MatMul.Multiply(x, rows, _weight, _bias, y);
+        Forward(x, rows, y);
         if (adapter is not null && AdapterSlot >= 0) adapter.ModuleAt(AdapterSlot)?.AddDelta(x, rows, y);
     }
 
     /// <summary>Points the layer at a merged fp32 weight; only called while the model is being loaded.</summary>
     internal unsafe void UseMergedWeight(float[] pinnedWeight)
     {
+        if (_quantized is not null)
+            throw new NotSupportedException($"'{Name}' is quantized ({_quantized.Format.Name()}); merge LoRA adapters into the float checkpoint before quantizing");
         if (pinnedWeight.Length != (long)_weight.Rows * _weight.Cols)
             throw new ArgumentException($"merged weight for '{Name}' holds {pinnedWeight.Length} floats, {(long)_weight.Rows * _weight.Cols} needed", nameof(pinnedWeight));
         // The array lives on the pinned object heap, so the pointer stays valid for as long as this layer holds it.
         var data = (float*)System.Runtime.CompilerServices.Unsafe.AsPointer(ref System.Runtime.InteropServices.MemoryMarshal.GetArrayDataReference(pinnedWeight));
         _weight = new WeightMatrix(data, DType.F32, _weight.Rows, _weight.Cols);
         _ownedWeight = pinnedWeight;
+    }
+
+    /// <summary>Replaces the float weight by a quantized copy of it (load-time quantization; the float weight is no longer read).</summary>
+    internal void QuantizeWeight(QuantFormat format)
+    {
+        if (_quantized is not null)
+        {
+            if (_quantized.Format != format)
+                throw new InvalidOperationException($"'{Name}' is already stored as {_quantized.Format.Name()}; it cannot be requantized to {format.Name()}");
+            return;
+        }
+        _quantized = Quantizer.Quantize(_weight, format);
+        _weight = default;
+        _ownedWeight = null;
     }
 }
 

@@ -27,6 +27,12 @@ public sealed record PaliGemmaLoadOptions
     /// W' = W + scaling·B·A is written into private fp32 copies of only the adapted matrices; the rest stays mapped.
     /// </summary>
     public string? MergeAdapterDirectory { get; init; }
+
+    /// <summary>
+    /// Quantizes every Linear weight to this format at load (the embedding / LM head to q8) into private memory; null keeps
+    /// the stored weights. A checkpoint already quantized must have been quantized to the same format.
+    /// </summary>
+    public Quant.QuantFormat? QuantizeTo { get; init; }
 }
 
 /// <summary>
@@ -115,6 +121,7 @@ public sealed class PaliGemmaModel : IDisposable
                 adapter.MergeInto(model);
                 model.MergedAdapter = adapter;
             }
+            model.ApplyQuantization(checkpoint, options.QuantizeTo);
             model.LoadTime = clock.Elapsed;
             return model;
         }
@@ -123,6 +130,22 @@ public sealed class PaliGemmaModel : IDisposable
             checkpoint.Dispose();
             throw;
         }
+    }
+
+    /// <summary>The format of the Linear layers: stored in the checkpoint or chosen at load; null for float weights.</summary>
+    public Quant.QuantFormat? Quantization { get; private set; }
+
+    private void ApplyQuantization(SafetensorsCheckpoint checkpoint, Quant.QuantFormat? quantizeTo)
+    {
+        Quant.QuantFormat? stored = Quant.QuantizedCheckpoint.FormatOf(checkpoint);
+        if (stored is { } s && quantizeTo is { } q && s != q)
+            throw new InvalidDataException($"'{Directory}' is quantized to {Quant.QuantFormats.Name(s)}; it cannot be loaded as {Quant.QuantFormats.Name(q)}");
+        Quantization = stored ?? quantizeTo;
+        if (quantizeTo is not { } format || stored is not null)
+            return;
+        foreach (var linear in _adaptableLinears)
+            linear.QuantizeWeight(format);
+        Decoder.QuantizeEmbedding();
     }
 
     /// <summary>Pixel values [3, S, S] for one image, as the PaliGemma processor computes them.</summary>

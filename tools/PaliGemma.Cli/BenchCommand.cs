@@ -28,6 +28,9 @@ public static class BenchCommand
         public double DecodeSeconds => DecodeStepSeconds.Sum();
     }
 
+    private static string WeightsName(PaliGemmaModel model) =>
+        model.Quantization is { } q ? PaliGemma.CpuOnly.Quant.QuantFormats.Name(q).ToUpperInvariant() : model.Decoder.EmbeddingDType.ToString().ToUpperInvariant();
+
     public static int Run(string[] args)
     {
         var a = new ParsedArguments(args, Flags);
@@ -40,6 +43,8 @@ public static class BenchCommand
         int warmup = a.Int("warmup", 0, 0, 100);
         int threads = a.Int("threads", 0, 0, 4096);
         int probeMb = a.Int("probe-mb", 1024, 0, 1 << 20);
+        string? dtype = a.Optional("dtype");
+        var quantizeTo = dtype is null ? (PaliGemma.CpuOnly.Quant.QuantFormat?)null : QuantizeCommand.ParseFormat(dtype, "--dtype");
         bool json = a.Flag("json"), quiet = a.Flag("quiet");
         a.RejectUnknown();
         if (threads > 0) KernelThreading.MaxThreads = threads;
@@ -53,11 +58,13 @@ public static class BenchCommand
         if (loadAverageStart > Environment.ProcessorCount)
             Progress(string.Create(CultureInfo.InvariantCulture, $"note: load average {loadAverageStart:F1} on {Environment.ProcessorCount} cores; other work competes for the CPUs"));
         Progress($"loading {modelDir}");
-        using var model = PaliGemmaModel.Load(modelDir, tokenizerPath);
+        using var model = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath, QuantizeTo = quantizeTo });
         double loadSeconds = model.LoadTime.TotalSeconds;
-        long weightBytesPerToken = ModelFootprint.DecodeWeightBytesPerToken(modelDir, model.Config.Text);
+        long weightBytesPerToken = model.Quantization is null
+            ? ModelFootprint.DecodeWeightBytesPerToken(modelDir, model.Config.Text)
+            : model.Decoder.DecodeWeightBytesPerToken();
         Progress(string.Create(CultureInfo.InvariantCulture,
-            $"loaded in {loadSeconds * 1000:F0} ms; {model.Decoder.EmbeddingDType.ToString().ToUpperInvariant()} weights, {weightBytesPerToken / 1e9:F2} GB streamed per decode token; {KernelThreading.MaxThreads} threads, {KernelInfo.VectorWidth}"));
+            $"loaded in {loadSeconds * 1000:F0} ms; {WeightsName(model)} weights, {weightBytesPerToken / 1e9:F2} GB streamed per decode token; {KernelThreading.MaxThreads} threads, {KernelInfo.VectorWidth}"));
 
         var results = new List<RunTimings>();
         int promptTokens = 0;
@@ -95,7 +102,7 @@ public static class BenchCommand
             {
                 w.WriteStartObject();
                 w.WriteString("model", Path.GetFullPath(modelDir));
-                w.WriteString("weights_dtype", model.Decoder.EmbeddingDType.ToString().ToUpperInvariant());
+                w.WriteString("weights_dtype", WeightsName(model));
                 w.WriteString("image", imagePath ?? "synthetic 640x480 gradient");
                 w.WriteString("prompt", prompt);
                 w.WriteNumber("prompt_tokens", promptTokens);

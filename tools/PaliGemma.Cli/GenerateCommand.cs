@@ -26,6 +26,7 @@ public static class GenerateCommand
         // --adapter DIR: a PEFT LoRA folder applied at run time; with --merge-adapter it is merged into the weights at load.
         string? adapterDir = a.Optional("adapter");
         bool mergeAdapter = a.Flag("merge-adapter");
+        string? dtype = a.Optional("dtype");
         var options = new GenerationOptions
         {
             MaxNewTokens = a.Int("max-new-tokens", 64, 1, 1 << 20),
@@ -50,6 +51,7 @@ public static class GenerateCommand
         {
             TokenizerPath = tokenizer,
             MergeAdapterDirectory = mergeAdapter ? adapterDir : null,
+            QuantizeTo = dtype is null ? null : QuantizeCommand.ParseFormat(dtype, "--dtype"),
         });
         if (adapterDir is not null && !mergeAdapter) options = options with { Adapter = model.LoadAdapter(adapterDir) };
         var clock = Stopwatch.StartNew();

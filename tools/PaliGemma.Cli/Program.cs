@@ -19,8 +19,10 @@ public static class Program
           paligemma batch    --model DIR --input FILE.jsonl [--output FILE.jsonl] [--vae FILE] [--max-new-tokens N] [--quiet]
           paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
           paligemma serve    --model DIR [--urls http://127.0.0.1:8080] [--max-concurrency N] [--max-queue Q] [--max-request-bytes B] [--vae FILE] [--shutdown-timeout S] [--quiet]
-          paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--json] [--quiet]
+          paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--dtype q8|nf4] [--json] [--quiet]
           paligemma bench --cold-start --model DIR [--binary PATH] [--runs N] [--image FILE] [--prompt TEXT] [--tokenizer FILE] [--no-first-token] [--json] [--quiet]
+          paligemma quantize --model DIR --to q8|nf4 --out DIR [--quiet]
+          paligemma eval-quant --model DIR --image FILE (--dtype q8|nf4 | --quantized DIR) [--prompt TEXT] [--new-tokens N] [--tokenizer FILE]
           paligemma help | --help | --version
 
         generate options:
@@ -35,6 +37,7 @@ public static class Program
           --tokenizer FILE       tokenizer.model to use instead of the one in the model folder
           --adapter DIR          PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), applied at run time
           --merge-adapter        merge the --adapter into the weights at load instead (fp32 copies of the adapted matrices)
+          --dtype q8|nf4         quantize the Linear weights at load (embedding / LM head: q8); quantized folders load as stored
           --json                 print one JSON object: text, ids and timings
           --logits-out FILE.npy  write every generated step's logits as float32 [steps, vocab]
           --quiet                no progress on stderr
@@ -68,9 +71,11 @@ public static class Program
         synth writes a random-weight checkpoint (config.json copied, tokenizer.model, safetensors shards + index) for benchmarks.
         bench times preprocess, vision, prefill and decode (medians over --runs; default 3 runs, 32 new tokens, greedy,
         never stopping at <eos>), the weight GB/s decode streams, peak RSS, bytes allocated per decode token and a
-        memory read probe (--probe-mb, default 1024; 0 skips it).
+        memory read probe (--probe-mb, default 1024; 0 skips it). bench --dtype q8|nf4 quantizes at load.
         bench --cold-start starts --binary (default: this paligemma) --runs times (default 5); each process loads the model,
         computes the first greedy token and exits. Medians of process start -> model ready, start -> first token and peak RSS.
+        quantize writes one model.safetensors with q8 or nf4 blocks (see README, "Quantized weights"), copies config.json and
+        the tokenizer; the result loads memory-mapped. eval-quant compares a quantized model with the float one.
         """;
 
     public static int Main(string[] args)
@@ -102,6 +107,8 @@ public static class Program
                 "bench" => args.Contains("--cold-start") ? ColdStartCommand.Run(args[1..]) : BenchCommand.Run(args[1..]),
                 "serve" => Serve.ServeCommand.Run(args[1..]),
                 ColdStartCommand.ProbeCommand => ColdStartCommand.Probe(args[1..]),
+                "quantize" => QuantizeCommand.Run(args[1..]),
+                "eval-quant" => EvalQuantCommand.Run(args[1..]),
                 _ => throw new UsageException($"unknown command '{args[0]}'"),
             };
         }

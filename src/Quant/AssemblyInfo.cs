@@ -1,0 +1,4 @@
+using System.Runtime.CompilerServices;
+
+// The tests drive the portable GEMV next to the Vector512 one through an internal entry point.
+[assembly: InternalsVisibleTo("PaliGemma.CpuOnly.Tests")]

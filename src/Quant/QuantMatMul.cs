@@ -1,0 +1,430 @@
+using System.Buffers;
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
+using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Tensors;
+
+namespace PaliGemma.CpuOnly.Quant;
+
+/// <summary>
+/// y = x Wᵀ + b with W a <see cref="QuantizedMatrix"/>. Few x rows (decode): a GEMV that streams the packed blocks once
+/// and dequantizes them in registers. Many x rows (prefill, vision): W is dequantized a panel of rows at a time into an
+/// fp32 buffer while packing, and the panel goes through the fp32 GEMM of <see cref="MatMul"/>.
+/// </summary>
+public static unsafe class QuantMatMul
+{
+    internal enum GemvPath { Scalar, Vector256, Vector512 }
+
+    /// <summary>Up to this many x rows take the streaming GEMV (each W block is read once per group of 4 rows).</summary>
+    public const int GemvMaxRows = 4;
+    // W rows per GEMV work item: enough to amortize the scheduling, small enough to balance the threads.
+    private const int GemvRowsPerItem = 32;
+    // Below this many weights the GEMV runs on the calling thread.
+    private const long GemvParallelThreshold = 1L << 16;
+    // Target fp32 panel size for the prefill path (floats, 2 MB, about an L2). At least 64 W rows (one GEMM tile) per panel.
+    private const int PanelFloats = 1 << 19;
+
+    /// <summary>y[m, n] = sum_k x[m, k] · W[n, k] + bias[n] for m &lt; rows; then y = cap · tanh(y / cap) when <paramref name="outputSoftCap"/> &gt; 0.</summary>
+    public static void Multiply(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap = 0f) =>
+        Multiply(x, rows, w, bias, y, outputSoftCap, BestGemvPath);
+
+    /// <summary>The widest GEMV this CPU runs: AVX-512, else AVX2 + FMA, else the portable scalar loop.</summary>
+    internal static GemvPath BestGemvPath { get; } =
+        Avx512F.IsSupported && Avx512BW.IsSupported ? GemvPath.Vector512 :
+        Avx2.IsSupported && Fma.IsSupported ? GemvPath.Vector256 : GemvPath.Scalar;
+
+    /// <summary>As the public overload with the GEMV path chosen by the caller (tests run each one the CPU supports).</summary>
+    internal static void Multiply(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap, GemvPath path)
+    {
+        ArgumentNullException.ThrowIfNull(w);
+        ArgumentOutOfRangeException.ThrowIfNegative(rows);
+        if (!(outputSoftCap >= 0f) || float.IsInfinity(outputSoftCap))
+            throw new ArgumentOutOfRangeException(nameof(outputSoftCap), outputSoftCap, "the soft-cap must be 0 (none) or positive and finite");
+        int n = w.Rows, k = w.Cols;
+        if (x.Length < (long)rows * k)
+            throw new ArgumentException($"x holds {x.Length} floats; {rows} rows of K = {k} need {(long)rows * k}", nameof(x));
+        if (!bias.IsEmpty && bias.Length != n)
+            throw new ArgumentException($"bias holds {bias.Length} floats; it must be empty or N = {n}", nameof(bias));
+        if (y.Length < (long)rows * n)
+            throw new ArgumentException($"y holds {y.Length} floats; {rows} rows of N = {n} need {(long)rows * n}", nameof(y));
+        if (rows == 0)
+            return;
+
+        if (rows <= GemvMaxRows)
+            Gemv(x, rows, w, bias, y, outputSoftCap, path);
+        else
+            PanelGemm(x, rows, w, bias, y, outputSoftCap);
+    }
+
+    private static void Gemv(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float softCap, GemvPath path)
+    {
+        int k = w.Cols;
+        int padded = w.BlocksPerRow * w.Format.BlockSize();
+        // The kernels read whole blocks, so x rows are copied into zero-padded rows when K is not a multiple of the block.
+        float[]? rented = padded != k ? ArrayPool<float>.Shared.Rent(rows * padded) : null;
+        try
+        {
+            if (rented != null)
+            {
+                Array.Clear(rented, 0, rows * padded);
+                for (int m = 0; m < rows; m++)
+                    x.Slice(m * k, k).CopyTo(rented.AsSpan(m * padded, k));
+            }
+            ReadOnlySpan<float> xs = rented != null ? rented : x;
+            fixed (float* xp = xs)
+            fixed (float* bp = bias)
+            fixed (float* yp = y)
+            {
+                var job = new GemvJob(w, xp, padded, rows, bias.IsEmpty ? null : bp, yp, softCap, path);
+                int items = (w.Rows + GemvRowsPerItem - 1) / GemvRowsPerItem;
+                bool parallel = (long)w.Rows * padded >= GemvParallelThreshold && KernelThreading.MaxThreads > 1 && items > 1;
+                if (parallel)
+                    Parallel.For(0, items, new ParallelOptions { MaxDegreeOfParallelism = KernelThreading.MaxThreads }, job.Run);
+                else
+                    for (int i = 0; i < items; i++) job.Run(i);
+            }
+        }
+        finally
+        {
+            if (rented != null) ArrayPool<float>.Shared.Return(rented);
+        }
+    }
+
+    private sealed class GemvJob(QuantizedMatrix w, float* x, int xStride, int rows, float* bias, float* y, float softCap, GemvPath path)
+    {
+        public void Run(int item)
+        {
+            int n0 = item * GemvRowsPerItem;
+            int n1 = Math.Min(w.Rows, n0 + GemvRowsPerItem);
+            int blocks = w.BlocksPerRow;
+            int yStride = w.Rows;
+            int n = n0;
+            if (rows == 1 && path == GemvPath.Vector512)
+            {
+                // One token: four W rows per pass share every x load (x of a long K row lives in L2, not L1).
+                Span<float> sums = stackalloc float[4];
+                for (; n + 4 <= n1; n += 4)
+                {
+                    byte* codes = w.Blocks + (long)n * blocks * 32;
+                    float* scales = w.Scales + (long)n * blocks;
+                    if (w.Format == QuantFormat.Q8)
+                        DotQ8FourRowsVector512(codes, scales, blocks, x, sums);
+                    else
+                        DotNf4FourRowsVector512(codes, scales, blocks, x, sums);
+                    for (int r = 0; r < 4; r++)
+                        Store(y + n + r, sums[r] + (bias == null ? 0f : bias[n + r]), softCap);
+                }
+            }
+            for (; n < n1; n++)
+            {
+                byte* codes = w.Blocks + (long)n * blocks * 32;
+                float* scales = w.Scales + (long)n * blocks;
+                for (int m = 0; m < rows; m += 4)
+                {
+                    int count = Math.Min(4, rows - m);
+                    float* xm = x + (long)m * xStride;
+                    float s0, s1, s2, s3;
+                    if (path == GemvPath.Vector512)
+                    {
+                        if (w.Format == QuantFormat.Q8)
+                            DotQ8Vector512(codes, scales, blocks, xm, xStride, count, out s0, out s1, out s2, out s3);
+                        else
+                            DotNf4Vector512(codes, scales, blocks, xm, xStride, count, out s0, out s1, out s2, out s3);
+                    }
+                    else if (path == GemvPath.Vector256)
+                    {
+                        if (w.Format == QuantFormat.Q8)
+                            DotQ8Vector256(codes, scales, blocks, xm, xStride, count, out s0, out s1, out s2, out s3);
+                        else
+                            DotNf4Vector256(codes, scales, blocks, xm, xStride, count, out s0, out s1, out s2, out s3);
+                    }
+                    else
+                    {
+                        DotScalar(w.Format, codes, scales, blocks, xm, xStride, count, out s0, out s1, out s2, out s3);
+                    }
+                    float b = bias == null ? 0f : bias[n];
+                    Store(y + (long)m * yStride + n, s0 + b, softCap);
+                    if (count > 1) Store(y + (long)(m + 1) * yStride + n, s1 + b, softCap);
+                    if (count > 2) Store(y + (long)(m + 2) * yStride + n, s2 + b, softCap);
+                    if (count > 3) Store(y + (long)(m + 3) * yStride + n, s3 + b, softCap);
+                }
+            }
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void Store(float* target, float value, float cap) => *target = cap > 0f ? cap * MathF.Tanh(value / cap) : value;
+    }
+
+    // One x row: the block dot product is scaled once per block; rows beyond count reuse row 0 (their sums are ignored).
+    private static void DotQ8Vector512(byte* codes, float* scales, int blocks, float* x0, int xStride, int count,
+        out float s0, out float s1, out float s2, out float s3)
+    {
+        float* x1 = count > 1 ? x0 + xStride : x0;
+        float* x2 = count > 2 ? x0 + 2 * xStride : x0;
+        float* x3 = count > 3 ? x0 + 3 * xStride : x0;
+        Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
+        if (count == 1)
+        {
+            for (int b = 0; b < blocks; b++)
+            {
+                sbyte* q = (sbyte*)codes + b * 32;
+                Vector512<float> w0 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q)));
+                Vector512<float> w1 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16)));
+                float* xb = x0 + b * 32;
+                Vector512<float> t = Vector512.FusedMultiplyAdd(w1, Vector512.Load(xb + 16), w0 * Vector512.Load(xb));
+                a0 = Vector512.FusedMultiplyAdd(t, Vector512.Create(scales[b]), a0);
+            }
+        }
+        else
+        {
+            for (int b = 0; b < blocks; b++)
+            {
+                sbyte* q = (sbyte*)codes + b * 32;
+                Vector512<float> w0 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q)));
+                Vector512<float> w1 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16)));
+                Vector512<float> s = Vector512.Create(scales[b]);
+                int o = b * 32;
+                a0 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x0 + o + 16), w0 * Vector512.Load(x0 + o)), s, a0);
+                a1 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x1 + o + 16), w0 * Vector512.Load(x1 + o)), s, a1);
+                a2 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x2 + o + 16), w0 * Vector512.Load(x2 + o)), s, a2);
+                a3 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x3 + o + 16), w0 * Vector512.Load(x3 + o)), s, a3);
+            }
+        }
+        s0 = Vector512.Sum(a0); s1 = Vector512.Sum(a1); s2 = Vector512.Sum(a2); s3 = Vector512.Sum(a3);
+    }
+
+    private static void DotQ8FourRowsVector512(byte* codes, float* scales, int blocks, float* x, Span<float> sums)
+    {
+        nint rowBytes = (nint)blocks * 32;
+        sbyte* q0 = (sbyte*)codes, q1 = q0 + rowBytes, q2 = q1 + rowBytes, q3 = q2 + rowBytes;
+        float* c0 = scales, c1 = c0 + blocks, c2 = c1 + blocks, c3 = c2 + blocks;
+        Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
+        for (int b = 0; b < blocks; b++)
+        {
+            int o = b * 32;
+            Vector512<float> xl = Vector512.Load(x + o), xh = Vector512.Load(x + o + 16);
+            a0 = Vector512.FusedMultiplyAdd(Q8Block(q0 + o, xl, xh), Vector512.Create(c0[b]), a0);
+            a1 = Vector512.FusedMultiplyAdd(Q8Block(q1 + o, xl, xh), Vector512.Create(c1[b]), a1);
+            a2 = Vector512.FusedMultiplyAdd(Q8Block(q2 + o, xl, xh), Vector512.Create(c2[b]), a2);
+            a3 = Vector512.FusedMultiplyAdd(Q8Block(q3 + o, xl, xh), Vector512.Create(c3[b]), a3);
+        }
+        sums[0] = Vector512.Sum(a0); sums[1] = Vector512.Sum(a1); sums[2] = Vector512.Sum(a2); sums[3] = Vector512.Sum(a3);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Q8Block(sbyte* q, Vector512<float> xl, Vector512<float> xh)
+    {
+        Vector512<float> w0 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q)));
+        Vector512<float> w1 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16)));
+        return Vector512.FusedMultiplyAdd(w1, xh, w0 * xl);
+    }
+
+    private static void DotNf4FourRowsVector512(byte* codes, float* scales, int blocks, float* x, Span<float> sums)
+    {
+        nint rowBytes = (nint)blocks * 32;
+        byte* q0 = codes, q1 = q0 + rowBytes, q2 = q1 + rowBytes, q3 = q2 + rowBytes;
+        float* c0 = scales, c1 = c0 + blocks, c2 = c1 + blocks, c3 = c2 + blocks;
+        Vector512<float> table = Vector512.Create(Quantizer.Nf4Codes);
+        Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
+        for (int b = 0; b < blocks; b++)
+        {
+            float* xb = x + b * 64;
+            Vector512<float> x0 = Vector512.Load(xb), x1 = Vector512.Load(xb + 16), x2 = Vector512.Load(xb + 32), x3 = Vector512.Load(xb + 48);
+            int o = b * 32;
+            a0 = Vector512.FusedMultiplyAdd(Nf4Block(table, q0 + o, x0, x1, x2, x3), Vector512.Create(c0[b]), a0);
+            a1 = Vector512.FusedMultiplyAdd(Nf4Block(table, q1 + o, x0, x1, x2, x3), Vector512.Create(c1[b]), a1);
+            a2 = Vector512.FusedMultiplyAdd(Nf4Block(table, q2 + o, x0, x1, x2, x3), Vector512.Create(c2[b]), a2);
+            a3 = Vector512.FusedMultiplyAdd(Nf4Block(table, q3 + o, x0, x1, x2, x3), Vector512.Create(c3[b]), a3);
+        }
+        sums[0] = Vector512.Sum(a0); sums[1] = Vector512.Sum(a1); sums[2] = Vector512.Sum(a2); sums[3] = Vector512.Sum(a3);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Nf4Block(Vector512<float> table, byte* q, Vector512<float> x0, Vector512<float> x1, Vector512<float> x2, Vector512<float> x3)
+    {
+        Vector512<int> nibble = Vector512.Create(0xF);
+        Vector512<int> lo = Avx512F.ConvertToVector512Int32(Vector128.Load(q));
+        Vector512<int> hi = Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16));
+        Vector512<float> t = Avx512F.PermuteVar16x32(table, lo & nibble) * x0;
+        t = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, hi & nibble), x1, t);
+        t = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, Vector512.ShiftRightLogical(lo, 4)), x2, t);
+        return Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, Vector512.ShiftRightLogical(hi, 4)), x3, t);
+    }
+
+    private static void DotNf4Vector512(byte* codes, float* scales, int blocks, float* x0, int xStride, int count,
+        out float s0, out float s1, out float s2, out float s3)
+    {
+        float* x1 = count > 1 ? x0 + xStride : x0;
+        float* x2 = count > 2 ? x0 + 2 * xStride : x0;
+        float* x3 = count > 3 ? x0 + 3 * xStride : x0;
+        Vector512<float> table = Vector512.Create(Quantizer.Nf4Codes);
+        Vector512<int> nibble = Vector512.Create(0xF);
+        Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
+        for (int b = 0; b < blocks; b++)
+        {
+            byte* q = codes + b * 32;
+            // Bytes 0..15 carry elements 0..15 (low nibbles) and 32..47 (high); bytes 16..31 carry 16..31 and 48..63.
+            Vector512<int> lo = Avx512F.ConvertToVector512Int32(Vector128.Load(q));
+            Vector512<int> hi = Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16));
+            Vector512<float> w0 = Avx512F.PermuteVar16x32(table, lo & nibble);
+            Vector512<float> w2 = Avx512F.PermuteVar16x32(table, Vector512.ShiftRightLogical(lo, 4));
+            Vector512<float> w1 = Avx512F.PermuteVar16x32(table, hi & nibble);
+            Vector512<float> w3 = Avx512F.PermuteVar16x32(table, Vector512.ShiftRightLogical(hi, 4));
+            Vector512<float> s = Vector512.Create(scales[b]);
+            int o = b * 64;
+            a0 = Vector512.FusedMultiplyAdd(Block64(w0, w1, w2, w3, x0 + o), s, a0);
+            if (count > 1)
+            {
+                a1 = Vector512.FusedMultiplyAdd(Block64(w0, w1, w2, w3, x1 + o), s, a1);
+                a2 = Vector512.FusedMultiplyAdd(Block64(w0, w1, w2, w3, x2 + o), s, a2);
+                a3 = Vector512.FusedMultiplyAdd(Block64(w0, w1, w2, w3, x3 + o), s, a3);
+            }
+        }
+        s0 = Vector512.Sum(a0); s1 = Vector512.Sum(a1); s2 = Vector512.Sum(a2); s3 = Vector512.Sum(a3);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Block64(Vector512<float> w0, Vector512<float> w1, Vector512<float> w2, Vector512<float> w3, float* x)
+    {
+        Vector512<float> t = w0 * Vector512.Load(x);
+        t = Vector512.FusedMultiplyAdd(w1, Vector512.Load(x + 16), t);
+        t = Vector512.FusedMultiplyAdd(w2, Vector512.Load(x + 32), t);
+        return Vector512.FusedMultiplyAdd(w3, Vector512.Load(x + 48), t);
+    }
+
+    private static void DotQ8Vector256(byte* codes, float* scales, int blocks, float* x, int xStride, int count,
+        out float s0, out float s1, out float s2, out float s3)
+    {
+        Vector256<float> a0 = Vector256<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
+        for (int b = 0; b < blocks; b++)
+        {
+            sbyte* q = (sbyte*)codes + b * 32;
+            Vector256<float> w0 = Avx.ConvertToVector256Single(Avx2.ConvertToVector256Int32(q));
+            Vector256<float> w1 = Avx.ConvertToVector256Single(Avx2.ConvertToVector256Int32(q + 8));
+            Vector256<float> w2 = Avx.ConvertToVector256Single(Avx2.ConvertToVector256Int32(q + 16));
+            Vector256<float> w3 = Avx.ConvertToVector256Single(Avx2.ConvertToVector256Int32(q + 24));
+            Vector256<float> s = Vector256.Create(scales[b]);
+            int o = b * 32;
+            a0 = Fma.MultiplyAdd(Block32(w0, w1, w2, w3, x + o), s, a0);
+            if (count > 1) a1 = Fma.MultiplyAdd(Block32(w0, w1, w2, w3, x + xStride + o), s, a1);
+            if (count > 2) a2 = Fma.MultiplyAdd(Block32(w0, w1, w2, w3, x + 2 * xStride + o), s, a2);
+            if (count > 3) a3 = Fma.MultiplyAdd(Block32(w0, w1, w2, w3, x + 3 * xStride + o), s, a3);
+        }
+        s0 = Vector256.Sum(a0); s1 = Vector256.Sum(a1); s2 = Vector256.Sum(a2); s3 = Vector256.Sum(a3);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector256<float> Block32(Vector256<float> w0, Vector256<float> w1, Vector256<float> w2, Vector256<float> w3, float* x)
+    {
+        Vector256<float> t = w0 * Vector256.Load(x);
+        t = Fma.MultiplyAdd(w1, Vector256.Load(x + 8), t);
+        t = Fma.MultiplyAdd(w2, Vector256.Load(x + 16), t);
+        return Fma.MultiplyAdd(w3, Vector256.Load(x + 24), t);
+    }
+
+    private static void DotNf4Vector256(byte* codes, float* scales, int blocks, float* x, int xStride, int count,
+        out float s0, out float s1, out float s2, out float s3)
+    {
+        ReadOnlySpan<float> table = Quantizer.Nf4Codes;
+        // 16 codes in two 8-lane tables; bit 3 of the code picks the table (moved to the sign bit for the blend).
+        Vector256<float> lowTable = Vector256.Create(table[..8]), highTable = Vector256.Create(table[8..]);
+        Vector256<int> nibble = Vector256.Create(0xF);
+        Vector256<float> a0 = Vector256<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
+        for (int b = 0; b < blocks; b++)
+        {
+            byte* q = codes + b * 32;
+            Vector256<float> s = Vector256.Create(scales[b]);
+            Vector256<float> t0 = Vector256<float>.Zero, t1 = t0, t2 = t0, t3 = t0;
+            int o = b * 64;
+            for (int c = 0; c < 4; c++)
+            {
+                // Bytes 8c..8c+7 hold elements 8c.. (low nibbles) and 32 + 8c.. (high nibbles).
+                Vector256<int> packed = Avx2.ConvertToVector256Int32(q + 8 * c);
+                Vector256<float> low = Lookup(lowTable, highTable, packed & nibble);
+                Vector256<float> high = Lookup(lowTable, highTable, Avx2.ShiftRightLogical(packed, 4));
+                int e = o + 8 * c;
+                t0 = Fma.MultiplyAdd(low, Vector256.Load(x + e), Fma.MultiplyAdd(high, Vector256.Load(x + e + 32), t0));
+                if (count > 1) t1 = Fma.MultiplyAdd(low, Vector256.Load(x + xStride + e), Fma.MultiplyAdd(high, Vector256.Load(x + xStride + e + 32), t1));
+                if (count > 2) t2 = Fma.MultiplyAdd(low, Vector256.Load(x + 2 * xStride + e), Fma.MultiplyAdd(high, Vector256.Load(x + 2 * xStride + e + 32), t2));
+                if (count > 3) t3 = Fma.MultiplyAdd(low, Vector256.Load(x + 3 * xStride + e), Fma.MultiplyAdd(high, Vector256.Load(x + 3 * xStride + e + 32), t3));
+            }
+            a0 = Fma.MultiplyAdd(t0, s, a0);
+            a1 = Fma.MultiplyAdd(t1, s, a1);
+            a2 = Fma.MultiplyAdd(t2, s, a2);
+            a3 = Fma.MultiplyAdd(t3, s, a3);
+        }
+        s0 = Vector256.Sum(a0); s1 = Vector256.Sum(a1); s2 = Vector256.Sum(a2); s3 = Vector256.Sum(a3);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector256<float> Lookup(Vector256<float> lowTable, Vector256<float> highTable, Vector256<int> code) =>
+        Avx.BlendVariable(Avx2.PermuteVar8x32(lowTable, code), Avx2.PermuteVar8x32(highTable, code), Avx2.ShiftLeftLogical(code, 28).AsSingle());
+
+    private static void DotScalar(QuantFormat format, byte* codes, float* scales, int blocks, float* x, int xStride, int count,
+        out float s0, out float s1, out float s2, out float s3)
+    {
+        Span<float> sums = stackalloc float[4];
+        sums.Clear();
+        float* weights = stackalloc float[64];
+        int blockSize = format.BlockSize();
+        for (int b = 0; b < blocks; b++)
+        {
+            Quantizer.DequantizeRow(format, new ReadOnlySpan<byte>(codes + b * 32, 32), new ReadOnlySpan<float>(scales + b, 1), new Span<float>(weights, blockSize));
+            for (int r = 0; r < count; r++)
+            {
+                float* xb = x + (long)r * xStride + b * blockSize;
+                float dot = 0f;
+                for (int i = 0; i < blockSize; i++) dot += weights[i] * xb[i];
+                sums[r] += dot;
+            }
+        }
+        s0 = sums[0]; s1 = sums[1]; s2 = sums[2]; s3 = sums[3];
+    }
+
+    private static void PanelGemm(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float softCap)
+    {
+        int n = w.Rows, k = w.Cols;
+        // Panel height: a multiple of 64 W rows (one GEMM tile) whose fp32 copy is about PanelFloats.
+        int height = Math.Min(Math.Max(64, PanelFloats / k / 64 * 64), n);
+        // Per-thread buffers, kept between calls: panels are megabytes, beyond what the shared array pool keeps.
+        float[] panel = t_panel is { } p && p.Length >= height * k ? p : (t_panel = GC.AllocateUninitializedArray<float>(height * k));
+        float[] partial = t_partial is { } q && q.Length >= rows * height ? q : (t_partial = GC.AllocateUninitializedArray<float>(rows * height));
+        var options = new ParallelOptions { MaxDegreeOfParallelism = KernelThreading.MaxThreads };
+        try
+        {
+            fixed (float* panelPointer = panel)
+            {
+                for (int n0 = 0; n0 < n; n0 += height)
+                {
+                    int h = Math.Min(height, n - n0);
+                    // Dequantize while packing: W rows n0..n0+h become a contiguous fp32 panel [h, K].
+                    int start = n0;
+                    Parallel.For(0, (h + 15) / 16, options, chunk =>
+                    {
+                        int end = Math.Min(h, chunk * 16 + 16);
+                        for (int r = chunk * 16; r < end; r++)
+                            w.DequantizeRow(start + r, panel.AsSpan(r * k, k));
+                    });
+                    var panelMatrix = new WeightMatrix(panelPointer, DType.F32, h, k);
+                    Span<float> result = partial.AsSpan(0, rows * h);
+                    ReadOnlySpan<float> biasSlice = bias.IsEmpty ? default : bias.Slice(n0, h);
+                    if (softCap > 0f)
+                        MatMul.Multiply(x, rows, panelMatrix, biasSlice, result, softCap);
+                    else
+                        MatMul.Multiply(x, rows, panelMatrix, biasSlice, result);
+                    for (int m = 0; m < rows; m++)
+                        result.Slice(m * h, h).CopyTo(y.Slice(m * n + n0, h));
+                }
+            }
+        }
+        finally
+        {
+            // Very large prompts would otherwise pin their buffers to the thread for good.
+            if (partial.Length > 1 << 24) t_partial = null;
+        }
+    }
+
+    [ThreadStatic] private static float[]? t_panel;
+    [ThreadStatic] private static float[]? t_partial;
+}
