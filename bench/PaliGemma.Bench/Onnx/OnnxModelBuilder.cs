@@ -1,8 +1,9 @@
 namespace PaliGemma.Bench.Onnx;
 
 /// <summary>An ONNX node attribute: a float, an int or a list of ints.</summary>
-internal readonly record struct OnnxAttribute(string Name, float? Float = null, long? Int = null, long[]? Ints = null)
+internal readonly record struct OnnxAttribute(string Name, float? Float = null, long? Int = null, long[]? Ints = null, string? Text = null)
 {
+    public static OnnxAttribute Of(string name, string value) => new(name, Text: value);
     public static OnnxAttribute Of(string name, float value) => new(name, Float: value);
     public static OnnxAttribute Of(string name, long value) => new(name, Int: value);
     public static OnnxAttribute Of(string name, params long[] values) => new(name, Ints: values);
@@ -15,17 +16,21 @@ internal readonly record struct OnnxAttribute(string Name, float? Float = null, 
 /// </summary>
 internal sealed unsafe class OnnxModelBuilder
 {
-    private const long ExternalThreshold = 256L << 20;
-    private const int ElemFloat = 1;           // TensorProto.DataType.FLOAT
-    private const int AttrFloat = 1, AttrInt = 2, AttrInts = 7;
+    private const int ElemFloat = 1, ElemInt64 = 7;   // TensorProto.DataType
+    private const int AttrFloat = 1, AttrInt = 2, AttrString = 3, AttrInts = 7;
 
     private readonly List<(string Op, string[] Inputs, string[] Outputs, OnnxAttribute[] Attributes, string Domain)> _nodes = [];
-    private readonly List<(string Name, long[] Dims, nint Data, long Count)> _initializers = [];
+    // Data: a native float pointer (Pointer != 0), or a float[] or long[] array.
+    private readonly List<(string Name, long[] Dims, nint Pointer, long Count, Array? Array)> _initializers = [];
     private readonly List<(string Name, long[] Dims)> _inputs = [];
     private readonly List<(string Name, long[] Dims)> _outputs = [];
 
     public int Opset { get; init; } = 17;
 
+    /// <summary>Initializers above this many bytes are written as external data files beside the model.</summary>
+    public long ExternalThreshold { get; init; } = 256L << 20;
+
+    /// <summary>A graph input; a negative dim -i is a free size named "dim{i}" (the same name means the same size).</summary>
     public void Input(string name, params long[] dims) => _inputs.Add((name, dims));
 
     public void Output(string name, params long[] dims) => _outputs.Add((name, dims));
@@ -33,12 +38,28 @@ internal sealed unsafe class OnnxModelBuilder
     /// <summary>An fp32 constant; the memory is read when <see cref="Save"/> runs and must stay valid until then.</summary>
     public void Initializer(string name, float* data, long count, params long[] dims)
     {
+        CheckCount(name, dims, count);
+        _initializers.Add((name, dims, (nint)data, count, null));
+    }
+
+    /// <summary>An fp32 constant held in a managed array.</summary>
+    public void Initializer(string name, float[] data, params long[] dims)
+    {
+        CheckCount(name, dims, data.Length);
+        _initializers.Add((name, dims, 0, data.Length, data));
+    }
+
+    /// <summary>An int64 constant (Reshape shapes, Slice bounds).</summary>
+    public void Int64Initializer(string name, params long[] values) =>
+        _initializers.Add((name, [values.Length], 0, values.Length, values));
+
+    private static void CheckCount(string name, long[] dims, long count)
+    {
         long product = 1;
         foreach (long d in dims)
             product *= d;
         if (product != count)
             throw new ArgumentException($"initializer '{name}': dims [{string.Join(", ", dims)}] hold {product} values, the data {count}", nameof(dims));
-        _initializers.Add((name, dims, (nint)data, count));
     }
 
     public void Node(string op, string[] inputs, string[] outputs, params OnnxAttribute[] attributes) =>
@@ -49,7 +70,7 @@ internal sealed unsafe class OnnxModelBuilder
     {
         Directory.CreateDirectory(directory);
         var model = new ProtoWriter();
-        model.Int64(1, 8);                                 // ir_version 8 (opset 17 era)
+        model.Int64(1, Opset >= 19 ? 9 : 8);               // ir_version: 8 goes with opsets up to 18, 9 with 19-20
         model.String(2, "PaliGemma.Bench");                // producer_name
         model.Message(8, o => { o.String(1, ""); o.Int64(2, Opset); });   // opset_import, default domain
         model.Message(7, g => WriteGraph(g, directory));   // graph
@@ -96,6 +117,11 @@ internal sealed unsafe class OnnxModelBuilder
             w.Int64(3, i);
             w.Int64(20, AttrInt);
         }
+        else if (attribute.Text is string text)
+        {
+            w.String(4, text);
+            w.Int64(20, AttrString);
+        }
         else if (attribute.Ints is long[] ints)
         {
             foreach (long v in ints) w.Int64(8, v);
@@ -105,23 +131,39 @@ internal sealed unsafe class OnnxModelBuilder
             throw new ArgumentException($"attribute '{attribute.Name}' has no value", nameof(attribute));
     }
 
-    private static void WriteTensor(ProtoWriter t, (string Name, long[] Dims, nint Data, long Count) init, string directory)
+    private void WriteTensor(ProtoWriter t, (string Name, long[] Dims, nint Pointer, long Count, Array? Array) init, string directory)
     {
         foreach (long d in init.Dims) t.Int64(1, d);
-        t.Int64(2, ElemFloat);
+        t.Int64(2, init.Array is long[] ? ElemInt64 : ElemFloat);
         t.String(8, init.Name);
-        long bytes = init.Count * sizeof(float);
-        if (bytes <= ExternalThreshold)
+        long bytes = init.Count * (init.Array is long[] ? sizeof(long) : sizeof(float));
+        fixed (byte* pinned = init.Array is null ? default : System.Runtime.InteropServices.MemoryMarshal.AsBytes(AsSpan(init.Array)))
         {
-            t.Bytes(9, new ReadOnlySpan<byte>((void*)init.Data, checked((int)bytes)));   // raw_data, little-endian
-            return;
+            byte* data = init.Array is null ? (byte*)init.Pointer : pinned;
+            if (bytes <= ExternalThreshold)
+            {
+                t.Bytes(9, new ReadOnlySpan<byte>(data, checked((int)bytes)));   // raw_data, little-endian
+                return;
+            }
+            WriteExternal(t, init.Name, data, bytes, directory);
         }
-        string fileName = init.Name + ".bin";
+    }
+
+    private static ReadOnlySpan<float> AsSpan(Array array) => array switch
+    {
+        float[] f => f,
+        long[] l => System.Runtime.InteropServices.MemoryMarshal.Cast<long, float>(l),
+        _ => throw new ArgumentException($"unsupported initializer array {array.GetType()}", nameof(array)),
+    };
+
+    private static void WriteExternal(ProtoWriter t, string name, byte* data, long bytes, string directory)
+    {
+        string fileName = name.Replace('/', '_') + ".bin";
         using (var file = File.Create(Path.Combine(directory, fileName)))
         {
             const int Chunk = 64 << 20;
             for (long offset = 0; offset < bytes; offset += Chunk)
-                file.Write(new ReadOnlySpan<byte>((byte*)init.Data + offset, (int)Math.Min(Chunk, bytes - offset)));
+                file.Write(new ReadOnlySpan<byte>(data + offset, (int)Math.Min(Chunk, bytes - offset)));
         }
         t.Message(13, e => { e.String(1, "location"); e.String(2, fileName); });   // external_data
         t.Message(13, e => { e.String(1, "offset"); e.String(2, "0"); });
@@ -138,7 +180,11 @@ internal sealed unsafe class OnnxModelBuilder
             tensor.Message(2, shape =>                                 // TensorShapeProto
             {
                 foreach (long d in dims)
-                    shape.Message(1, dim => dim.Int64(1, d));          // Dimension.dim_value
+                    shape.Message(1, dim =>
+                    {
+                        if (d >= 0) dim.Int64(1, d);                   // Dimension.dim_value
+                        else dim.String(2, $"dim{-d}");                // dim_param: a negative dim is a named free size
+                    });
             });
         }));
     }

@@ -12,7 +12,6 @@ internal sealed unsafe class OrtRunner : IDisposable
     /// <summary>The threads ORT's intra-op pool gets, and so the threads our kernels get in the comparison.</summary>
     public const int Threads = 2;
 
-    private readonly string _directory;
     private readonly InferenceSession _session;
     private readonly RunOptions _runOptions = new();
     private readonly string[] _inputNames;
@@ -22,23 +21,42 @@ internal sealed unsafe class OrtRunner : IDisposable
 
     public OrtRunner(OnnxModelBuilder model, (string Name, NativeBuffer Buffer, long[] Shape)[] inputs, (string Name, NativeBuffer Buffer, long[] Shape)[] outputs)
     {
-        _directory = Path.Combine(Path.GetTempPath(), $"paligemma-ortbench-{Environment.ProcessId}-{Guid.NewGuid():N}");
-        string path = model.Save(_directory);
-        using var options = new SessionOptions
-        {
-            IntraOpNumThreads = Threads,
-            InterOpNumThreads = 1,
-            ExecutionMode = ExecutionMode.ORT_SEQUENTIAL,
-            GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL,
-        };
-        _session = new InferenceSession(path, options);
-        // ORT has read (and pre-packed) the initializers; the files are no longer needed.
-        try { Directory.Delete(_directory, recursive: true); } catch (IOException) { }
-
+        _session = OpenSession(model);
         _inputNames = inputs.Select(i => i.Name).ToArray();
         _inputs = inputs.Select(i => Wrap(i.Buffer, i.Shape)).ToArray();
         _outputNames = outputs.Select(o => o.Name).ToArray();
         _outputs = outputs.Select(o => Wrap(o.Buffer, o.Shape)).ToArray();
+    }
+
+    /// <summary>Saves the model to a scratch folder, opens it with <see cref="Threads"/> intra-op threads and ORT_ENABLE_ALL, removes the folder.</summary>
+    public static InferenceSession OpenSession(OnnxModelBuilder model)
+    {
+        string directory = Path.Combine(Path.GetTempPath(), $"paligemma-ortbench-{Environment.ProcessId}-{Guid.NewGuid():N}");
+        try
+        {
+            string path = model.Save(directory);
+            using var options = new SessionOptions
+            {
+                IntraOpNumThreads = Threads,
+                InterOpNumThreads = 1,
+                ExecutionMode = ExecutionMode.ORT_SEQUENTIAL,
+                // PALIGEMMA_BENCH_ORT_OPT=basic|extended|none is for telling an ORT fusion apart from a graph error.
+                GraphOptimizationLevel = Environment.GetEnvironmentVariable("PALIGEMMA_BENCH_ORT_OPT") switch
+                {
+                    "none" => GraphOptimizationLevel.ORT_DISABLE_ALL,
+                    "basic" => GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                    "extended" => GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                    _ => GraphOptimizationLevel.ORT_ENABLE_ALL,
+                },
+            };
+            return new InferenceSession(path, options);
+        }
+        finally
+        {
+            // ORT has read (and pre-packed) the initializers by now; the files are no longer needed.
+            if (Directory.Exists(directory))
+                Directory.Delete(directory, recursive: true);
+        }
     }
 
     public void Run() => _session.Run(_runOptions, _inputNames, _inputs, _outputNames, _outputs);
@@ -59,7 +77,5 @@ internal sealed unsafe class OrtRunner : IDisposable
         foreach (var v in _outputs) v.Dispose();
         _runOptions.Dispose();
         _session.Dispose();
-        if (Directory.Exists(_directory))
-            Directory.Delete(_directory, recursive: true);
     }
 }
