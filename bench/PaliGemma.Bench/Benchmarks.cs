@@ -1,11 +1,20 @@
 using BenchmarkDotNet.Attributes;
+using BenchmarkDotNet.Configs;
+using BenchmarkDotNet.Reports;
 using PaliGemma.Bench.Onnx;
 using PaliGemma.Bench.Pairs;
 using PaliGemma.CpuOnly.Kernels;
 
 namespace PaliGemma.Bench;
 
+/// <summary>Keeps the catalogue names whole in the summary table.</summary>
+public sealed class PairConfig : ManualConfig
+{
+    public PairConfig() => SummaryStyle = SummaryStyle.Default.WithMaxParameterColumnWidth(48);
+}
+
 /// <summary>Ours (baseline) against ONNX Runtime for one catalogue entry; setup fails if the outputs disagree.</summary>
+[Config(typeof(PairConfig))]
 public abstract class PairBenchmark
 {
     private KernelPair? _pair;
