@@ -4,5 +4,19 @@ namespace PaliGemma.Bench;
 
 public static class Program
 {
-    public static void Main(string[] args) => BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
+    /// <summary>
+    /// <c>compare [substring...]</c>: quick Stopwatch table of ours vs ONNX Runtime per kernel;
+    /// <c>components [checkpoint] [--vision-layers N] [--text-layers N] [--prompt T] [--runs R]</c>: whole SigLIP and Gemma layers;
+    /// anything else goes to BenchmarkDotNet
+    /// (e.g. <c>--filter '*MatMul*' --job short</c>).
+    /// </summary>
+    public static int Main(string[] args)
+    {
+        if (args.Length > 0 && args[0] == "compare")
+            return Compare.Run(args[1..]);
+        if (args.Length > 0 && args[0] == "components")
+            return Components.ComponentCompare.Run(args[1..]);
+        BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
+        return 0;
+    }
 }

@@ -1,0 +1,91 @@
+using System.Diagnostics;
+using System.Globalization;
+using PaliGemma.Bench.Onnx;
+using PaliGemma.Bench.Pairs;
+using PaliGemma.CpuOnly.Kernels;
+
+namespace PaliGemma.Bench;
+
+/// <summary>
+/// <c>compare [substring...]</c>: each pair built, checked, warmed once, then timed alternately with a Stopwatch
+/// (at least 3 runs each, more while under a second), and one table line printed as soon as it is measured.
+/// </summary>
+internal static class Compare
+{
+    private const int MinRuns = 3, MaxRuns = 15;
+    private static readonly TimeSpan Budget = TimeSpan.FromSeconds(1);
+
+    public static int Run(string[] filters)
+    {
+        KernelThreading.MaxThreads = OrtRunner.Threads;
+        var names = Catalog.All.Where(n => filters.Length == 0 || filters.Any(f => n.Contains(f, StringComparison.OrdinalIgnoreCase))).ToList();
+        if (names.Count == 0)
+        {
+            Console.Error.WriteLine($"no comparison matches {string.Join(" ", filters)}; names are:\n  " + string.Join("\n  ", Catalog.All));
+            return 2;
+        }
+        Console.WriteLine($"# ours vs ONNX Runtime {typeof(Microsoft.ML.OnnxRuntime.InferenceSession).Assembly.GetName().Version}: " +
+                          $"{OrtRunner.Threads} threads each (ORT intra-op, ORT_ENABLE_ALL; KernelThreading.MaxThreads), {Environment.ProcessorCount} CPUs, " +
+                          $"load average {LoadAverage()}");
+        Console.WriteLine("# rate: GFLOP/s for compute-bound calls, GB/s of memory traffic (weights at their stored width) for GEMV and norms");
+        Console.WriteLine($"| {"case",-36} | {"ours ms",9} | {"ORT ms",9} | {"ours/ORT",8} | {"ours rate",12} | {"ORT rate",12} | {"max rel diff",12} | note");
+        Console.WriteLine($"|{new string('-', 38)}|{new string('-', 11)}|{new string('-', 11)}|{new string('-', 10)}|{new string('-', 14)}|{new string('-', 14)}|{new string('-', 14)}|------");
+        int failures = 0;
+        foreach (string name in names)
+        {
+            try
+            {
+                using KernelPair pair = Catalog.Create(name);
+                pair.RunOurs();
+                pair.RunOrt();
+                var ours = new List<double>();
+                var ort = new List<double>();
+                var total = Stopwatch.StartNew();
+                while (ours.Count < MinRuns || (ours.Count < MaxRuns && total.Elapsed < Budget))
+                {
+                    ours.Add(Time(pair.RunOurs));
+                    ort.Add(Time(pair.RunOrt));
+                }
+                double oursMs = Median(ours), ortMs = Median(ort);
+                Console.WriteLine($"| {name,-36} | {oursMs,9:F3} | {ortMs,9:F3} | {oursMs / ortMs,8:F2} | {Rate(pair, pair.OurBytes, oursMs),12} | {Rate(pair, pair.OrtBytes, ortMs),12} | {pair.MaxRelativeDiff,12:0.00e+0} | {pair.Note}");
+            }
+            catch (Exception e) when (e is InvalidOperationException or Microsoft.ML.OnnxRuntime.OnnxRuntimeException or OutOfMemoryException)
+            {
+                failures++;
+                Console.WriteLine($"| {name,-36} | FAILED: {e.Message}");
+            }
+        }
+        Console.WriteLine($"# load average after: {LoadAverage()}");
+        return failures == 0 ? 0 : 1;
+    }
+
+    private static double Time(Action action)
+    {
+        long start = Stopwatch.GetTimestamp();
+        action();
+        return Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+    }
+
+    private static double Median(List<double> values)
+    {
+        values.Sort();
+        int n = values.Count;
+        return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
+    }
+
+    private static string Rate(KernelPair pair, double bytes, double ms)
+    {
+        // GEMV and norms are bound by memory traffic, the rest by arithmetic.
+        bool memoryBound = pair.Flops == 0 || pair.Name.StartsWith("gemv", StringComparison.Ordinal);
+        return memoryBound
+            ? string.Create(CultureInfo.InvariantCulture, $"{bytes / ms / 1e6:F1} GB/s")
+            : string.Create(CultureInfo.InvariantCulture, $"{pair.Flops / ms / 1e6:F1} GFLOP/s");
+    }
+
+    private static string LoadAverage()
+    {
+        try { return string.Join(" ", File.ReadAllText("/proc/loadavg").Split(' ').Take(3)); }
+        catch (IOException) { return "n/a"; }
+        catch (UnauthorizedAccessException) { return "n/a"; }
+    }
+}
