@@ -9,6 +9,8 @@ using PaliGemma.CpuOnly.Kernels;
 using PaliGemma.CpuOnly.Model;
 using PaliGemma.CpuOnly.Model.Diagnostics;
 using PaliGemma.CpuOnly.Model.Imaging;
+using PaliGemma.CpuOnly.Model.Lora;
+using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.Cli;
 
@@ -18,7 +20,7 @@ namespace PaliGemma.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    private static readonly HashSet<string> Flags = ["json", "quiet"];
+    private static readonly HashSet<string> Flags = ["json", "quiet", "merge-adapter"];
 
     private sealed class RunTimings
     {
@@ -40,8 +42,11 @@ public static class BenchCommand
         int warmup = a.Int("warmup", 0, 0, 100);
         int threads = a.Int("threads", 0, 0, 4096);
         int probeMb = a.Int("probe-mb", 1024, 0, 1 << 20);
+        string? adapterDir = a.Optional("adapter");
+        bool mergeAdapter = a.Flag("merge-adapter");
         bool json = a.Flag("json"), quiet = a.Flag("quiet");
         a.RejectUnknown();
+        if (mergeAdapter && adapterDir is null) throw new UsageException("--merge-adapter needs --adapter DIR");
         if (threads > 0) KernelThreading.MaxThreads = threads;
 
         void Progress(string message)
@@ -52,9 +57,24 @@ public static class BenchCommand
         double? loadAverageStart = ProcessStats.LoadAverage();
         if (loadAverageStart > Environment.ProcessorCount)
             Progress(string.Create(CultureInfo.InvariantCulture, $"note: load average {loadAverageStart:F1} on {Environment.ProcessorCount} cores; other work competes for the CPUs"));
-        Progress($"loading {modelDir}");
-        using var model = PaliGemmaModel.Load(modelDir, tokenizerPath);
+        Progress(adapterDir is null ? $"loading {modelDir}" : $"loading {modelDir} with {adapterDir} {(mergeAdapter ? "merged at load" : "at run time")}");
+        long? rssBeforeLoad = ProcessStats.ResidentBytes();
+        using var model = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath, MergeAdapterDirectory = mergeAdapter ? adapterDir : null });
         double loadSeconds = model.LoadTime.TotalSeconds;
+        long? rssAfterLoad = ProcessStats.ResidentBytes();
+        LoraAdapter? runtimeAdapter = null;
+        double adapterLoadSeconds = 0;
+        if (adapterDir is not null && !mergeAdapter)
+        {
+            var adapterClock = Stopwatch.StartNew();
+            runtimeAdapter = model.LoadAdapter(adapterDir);
+            adapterLoadSeconds = adapterClock.Elapsed.TotalSeconds;
+        }
+        long? rssAfterAdapter = ProcessStats.ResidentBytes();
+        var adapterStats = AdapterStats.Of(runtimeAdapter ?? model.MergedAdapter);
+        if (adapterStats is { } stats)
+            Progress(string.Create(CultureInfo.InvariantCulture,
+                $"adapter: {stats.Modules} modules, r {stats.Rank}, {stats.FileBytes / 1e6:F2} MB file, {stats.MemoryBytes / 1e6:F2} MB in fp32{(mergeAdapter ? $", merged into {stats.MergedWeightBytes / 1e9:F2} GB of private weight copies" : "")}"));
         long weightBytesPerToken = ModelFootprint.DecodeWeightBytesPerToken(modelDir, model.Config.Text);
         Progress(string.Create(CultureInfo.InvariantCulture,
             $"loaded in {loadSeconds * 1000:F0} ms; {model.Decoder.EmbeddingDType.ToString().ToUpperInvariant()} weights, {weightBytesPerToken / 1e9:F2} GB streamed per decode token; {KernelThreading.MaxThreads} threads, {KernelInfo.VectorWidth}"));
@@ -64,7 +84,7 @@ public static class BenchCommand
         for (int r = 0; r < warmup + runs; r++)
         {
             string label = r < warmup ? $"warm-up {r + 1}/{warmup}" : $"run {r - warmup + 1}/{runs}";
-            var timings = RunOnce(model, imagePath, prompt, newTokens, out promptTokens, message => Progress($"{label}: {message}"));
+            var timings = RunOnce(model, runtimeAdapter, imagePath, prompt, newTokens, out promptTokens, message => Progress($"{label}: {message}"));
             if (r >= warmup) results.Add(timings);
         }
         long? peakRss = ProcessStats.PeakResidentBytes();
@@ -118,6 +138,34 @@ public static class BenchCommand
                 w.WriteNumber("decode_tokens_per_s", Round(decodeTokensPerSecond));
                 w.WriteNumber("decode_weight_bytes_per_token", weightBytesPerToken);
                 w.WriteNumber("decode_weight_gb_per_s", Round(decodeGBps));
+                if (adapterStats is { } adapter)
+                {
+                    w.WriteString("adapter", Path.GetFullPath(adapterDir!));
+                    w.WriteString("adapter_mode", mergeAdapter ? "merged" : "runtime");
+                    w.WriteNumber("adapter_modules", adapter.Modules);
+                    w.WriteNumber("adapter_rank", adapter.Rank);
+                    w.WriteNumber("adapter_file_bytes", adapter.FileBytes);
+                    w.WriteNumber("adapter_memory_bytes", adapter.MemoryBytes);
+                    w.WriteNumber("adapter_decode_bytes_per_token", adapter.DecodeBytesPerToken);
+                    if (mergeAdapter)
+                    {
+                        w.WriteNumber("merged_weight_bytes", adapter.MergedWeightBytes);
+                        // Load and merge together: the private copies plus the base pages the merge read.
+                        WriteOptional(w, "load_and_merge_rss_added_bytes", rssAfterLoad - rssBeforeLoad);
+                    }
+                    else
+                    {
+                        w.WriteNumber("adapter_load_s", Round(adapterLoadSeconds));
+                        WriteOptional(w, "adapter_rss_added_bytes", rssAfterAdapter - rssAfterLoad);
+                    }
+                }
+                else
+                {
+                    w.WriteNull("adapter");
+                }
+                WriteOptional(w, "rss_before_load_bytes", rssBeforeLoad);
+                WriteOptional(w, "rss_after_load_bytes", rssAfterLoad);
+                WriteOptional(w, "rss_after_adapter_bytes", rssAfterAdapter);
                 if (probe is not null)
                 {
                     w.WriteNumber("memory_read_gb_per_s", Round(probe.MedianGBps));
@@ -161,12 +209,22 @@ public static class BenchCommand
             if (probe is not null)
                 o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"memory read {probe.MedianGBps,10:F1} GB/s  (decode reaches {100 * decodeGBps / probe.MedianGBps:F0}%)"));
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"peak RSS    {(peakRss is long p ? $"{p / 1e9:F2} GB" : "n/a"),10}"));
+            if (adapterStats is { } adapter)
+            {
+                string added = rssAfterAdapter - rssAfterLoad is long bytes ? $"{bytes / 1e6:F1} MB" : "n/a";
+                if (mergeAdapter)
+                    o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"adapter     {adapter.FileBytes / 1e6,10:F2} MB  merged: {adapter.Modules} modules, r {adapter.Rank}, {adapter.MergedWeightBytes / 1e9:F2} GB of private weight copies"));
+                else
+                    o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"adapter     {adapter.FileBytes / 1e6,10:F2} MB  run time: {adapter.Modules} modules, r {adapter.Rank}, {adapter.MemoryBytes / 1e6:F2} MB in fp32, RSS added {added}"));
+            }
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"allocated   {allocatedPerToken,10:F0} bytes/decode token ({allocatedPerTokenThread:F0} on the decoding thread)"));
         }
         return 0;
     }
 
-    private static RunTimings RunOnce(PaliGemmaModel model, string? imagePath, string prompt, int newTokens, out int promptTokens, Action<string> progress)
+    private static RunTimings RunOnce(PaliGemmaModel model, LoraAdapter? adapter, string? imagePath, string prompt, int newTokens, out int promptTokens, Action<string> progress)
     {
         var t = new RunTimings();
         var clock = Stopwatch.StartNew();
@@ -177,11 +235,11 @@ public static class BenchCommand
         promptTokens = ids.Length;
 
         clock.Restart();
-        float[] features = model.EncodeImages(pixels, 1);
+        float[] features = model.EncodeImages(pixels, 1, null, default, adapter);
         t.VisionSeconds = clock.Elapsed.TotalSeconds;
         progress(string.Create(CultureInfo.InvariantCulture, $"vision {t.VisionSeconds:F2} s"));
 
-        var session = new PaliGemmaSession(model, 1, ids.Length + newTokens);
+        var session = new PaliGemmaSession(model, 1, ids.Length + newTokens, adapter);
         var logits = new float[session.VocabSize];
         clock.Restart();
         session.Prefill(ids, default, ids.Length, features, logits);
@@ -207,6 +265,25 @@ public static class BenchCommand
         return t;
     }
 
+    /// <summary>Sizes of a loaded adapter: its file, its fp32 A and B, the part read per decode token, and merged copies.</summary>
+    private readonly record struct AdapterStats(int Modules, int Rank, long FileBytes, long MemoryBytes, long DecodeBytesPerToken, long MergedWeightBytes)
+    {
+        public static AdapterStats? Of(LoraAdapter? adapter)
+        {
+            if (adapter is null) return null;
+            long memory = 0, decode = 0, merged = 0;
+            foreach (var m in adapter.Modules)
+            {
+                long bytes = ((long)m.A.Length + m.B.Length) * sizeof(float);
+                memory += bytes;
+                if (m.Name.StartsWith("language_model.", StringComparison.Ordinal)) decode += bytes;
+                if (m.Layer.HasMergedWeight) merged += (long)m.Layer.Weight.Rows * m.Layer.Weight.Cols * m.Layer.Weight.DType.SizeOf();
+            }
+            long file = new FileInfo(Path.Combine(adapter.Directory, LoraAdapter.WeightsFileName)).Length;
+            return new AdapterStats(adapter.Modules.Count, adapter.Config.Rank, file, memory, decode, merged);
+        }
+    }
+
     /// <summary>A smooth RGB gradient: the preprocessing work of a real photo without needing a file.</summary>
     internal static RgbImage GradientImage(int width, int height)
     {
@@ -220,6 +297,12 @@ public static class BenchCommand
             pixels[i + 2] = (byte)(255 * (x + y) / Math.Max(1, width + height - 2));
         }
         return new RgbImage(width, height, pixels);
+    }
+
+    private static void WriteOptional(Utf8JsonWriter w, string name, long? value)
+    {
+        if (value is long v) w.WriteNumber(name, v);
+        else w.WriteNull(name);
     }
 
     private static void WriteOptional(Utf8JsonWriter w, string name, double? value)

@@ -18,7 +18,9 @@ public static class Program
           paligemma decode-output --text RAW (--width W --height H | --annotate-image FILE --out OUT.png) [--vae FILE] [--json]
           paligemma batch    --model DIR --input FILE.jsonl [--output FILE.jsonl] [--vae FILE] [--max-new-tokens N] [--quiet]
           paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
-          paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--json] [--quiet]
+          paligemma synth-adapter --model DIR --out DIR [--rank 8] [--alpha 16] [--targets q_proj,k_proj,...] [--seed N] [--dtype f32|bf16|f16] [--force] [--quiet]
+          paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE]
+                             [--adapter DIR [--merge-adapter]] [--json] [--quiet]
           paligemma help | --help | --version
 
         generate options:
@@ -32,7 +34,7 @@ public static class Program
           --seed S               sampling seed (default 0)
           --tokenizer FILE       tokenizer.model to use instead of the one in the model folder
           --adapter DIR          PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), applied at run time
-          --merge-adapter        merge the --adapter into the weights at load instead (fp32 copies of the adapted matrices)
+          --merge-adapter        merge the --adapter into the weights at load instead (copies of the adapted matrices in the weights' dtype)
           --json                 print one JSON object: text, ids and timings
           --logits-out FILE.npy  write every generated step's logits as float32 [steps, vocab]
           --quiet                no progress on stderr
@@ -59,9 +61,13 @@ public static class Program
           and the run goes on; exit code 1 when any line failed.
 
         synth writes a random-weight checkpoint (config.json copied, tokenizer.model, safetensors shards + index) for benchmarks.
+        synth-adapter writes a random PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) for the model's config:
+        lora_A/lora_B for every dense layer the --targets select (default q,k,v,o,gate,up,down; as in PEFT, q/k/v also
+        select SigLIP's attention), B non-zero so that the adapter changes outputs.
         bench times preprocess, vision, prefill and decode (medians over --runs; default 3 runs, 32 new tokens, greedy,
         never stopping at <eos>), the weight GB/s decode streams, peak RSS, bytes allocated per decode token and a
-        memory read probe (--probe-mb, default 1024; 0 skips it).
+        memory read probe (--probe-mb, default 1024; 0 skips it). --adapter DIR runs with a LoRA adapter at run time (or merged
+        at load with --merge-adapter) and adds the adapter's size and the resident memory it added.
         """;
 
     public static int Main(string[] args)
@@ -89,6 +95,7 @@ public static class Program
                 "decode-output" => DecodeOutputCommand.Run(args[1..]),
                 "batch" => BatchCommand.Run(args[1..]),
                 "synth" => SynthCommand.Run(args[1..]),
+                "synth-adapter" => SynthAdapterCommand.Run(args[1..]),
                 "bench" => BenchCommand.Run(args[1..]),
                 _ => throw new UsageException($"unknown command '{args[0]}'"),
             };

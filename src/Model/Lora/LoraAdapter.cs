@@ -120,7 +120,7 @@ public sealed class LoraAdapter
         return new LoraAdapter(directory, config, layout.Value, baseModel, [.. modules]);
     }
 
-    /// <summary>Writes W + scaling·B·A into private fp32 copies of the adapted weights of <paramref name="model"/>; only while loading it.</summary>
+    /// <summary>Writes W + scaling·B·A into private copies (in the base weights' dtype) of the adapted weights of <paramref name="model"/>; only while loading it.</summary>
     internal void MergeInto(PaliGemmaModel model)
     {
         if (!ReferenceEquals(model, BaseModel)) throw new ArgumentException("the adapter was loaded for another model", nameof(model));
@@ -169,7 +169,7 @@ public sealed class LoraAdapter
         _ => "not a dense (Linear) layer, so LoRA cannot adapt it",
     };
 
-    private static float[] Read(SafetensorsFile file, string name, long[] expectedShape, string path, int rank)
+    private static unsafe float[] Read(SafetensorsFile file, string name, long[] expectedShape, string path, int rank)
     {
         var tensor = file.Get(name);
         if (!tensor.Shape.AsSpan().SequenceEqual(expectedShape))
@@ -177,9 +177,9 @@ public sealed class LoraAdapter
                 $"'{path}': tensor '{name}' has shape {tensor.ShapeText} but the base layer and r = {rank} (from {LoraConfig.FileName}) need {TensorData.FormatShape(expectedShape)}");
         if (!tensor.DType.IsKernelFloat())
             throw new InvalidDataException($"'{path}': tensor '{name}' has dtype {tensor.DType.ToHeaderName()}; LoRA weights must be F32, BF16 or F16");
-        float[] values = tensor.ToFloatArray();
-        float[] pinned = GC.AllocateUninitializedArray<float>(values.Length, pinned: true);
-        values.CopyTo(pinned, 0);
+        // Widened straight into the pinned array: no second, temporary copy of the adapter on the heap.
+        float[] pinned = GC.AllocateUninitializedArray<float>(checked((int)tensor.ElementCount), pinned: true);
+        LoraModule.Widen(tensor.Pointer, tensor.DType, pinned);
         return pinned;
     }
 }

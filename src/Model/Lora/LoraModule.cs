@@ -66,48 +66,109 @@ public sealed unsafe class LoraModule
     }
 
     /// <summary>
-    /// A new pinned fp32 array holding W + scaling·(B·A), W read from <paramref name="baseWeight"/> in its stored dtype;
-    /// computed as PEFT's merge does: the product B·A first, then scaled, then added.
+    /// W + scaling·(B·A) in a new pinned array of <paramref name="baseWeight"/>'s dtype, as PEFT's merge_and_unload keeps
+    /// the base dtype: each row is widened to fp32, the product B·A is formed, scaled and added in fp32 (PEFT's order),
+    /// then the sum is rounded to the stored dtype (bf16 and f16 to nearest, ties to even). Rows are merged in parallel.
     /// </summary>
-    internal float[] Merge(in WeightMatrix baseWeight)
+    internal MergedWeight Merge(in WeightMatrix baseWeight)
     {
-        int rows = baseWeight.Rows, cols = baseWeight.Cols, rank = Rank;
+        int rows = baseWeight.Rows, cols = baseWeight.Cols;
         if (rows != OutFeatures || cols != InFeatures)
             throw new ArgumentException($"LoRA module '{Name}' is [{OutFeatures}, {InFeatures}] but the weight is [{rows}, {cols}]", nameof(baseWeight));
-        float[] merged = GC.AllocateUninitializedArray<float>(checked(rows * cols), pinned: true);
-        Widen(baseWeight, merged);
-        var delta = new float[cols];
-        for (int n = 0; n < rows; n++)
+        DType dtype = baseWeight.DType;
+        int count = checked(rows * cols);
+        Array storage = dtype switch
         {
-            Array.Clear(delta);
-            for (int j = 0; j < rank; j++)
-                TensorPrimitives.MultiplyAdd(_a.AsSpan(j * cols, cols), _b[n * rank + j], delta, delta);
-            TensorPrimitives.Multiply(delta, Scaling, delta);
-            var row = merged.AsSpan(n * cols, cols);
-            TensorPrimitives.Add(row, delta, row);
-        }
-        return merged;
+            DType.F32 => GC.AllocateUninitializedArray<float>(count, pinned: true),
+            DType.BF16 => GC.AllocateUninitializedArray<ushort>(count, pinned: true),
+            DType.F16 => GC.AllocateUninitializedArray<Half>(count, pinned: true),
+            _ => throw new InvalidDataException($"'{Name}': weight dtype {dtype} cannot be merged (F32, BF16 or F16)"),
+        };
+        // Pinned-heap arrays never move, so the address taken here stays valid for the array's lifetime.
+        byte* merged = (byte*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(storage));
+        byte* source = (byte*)baseWeight.Data;
+        int elementSize = dtype.SizeOf();
+
+        const int RowsPerBlock = 32;
+        int blocks = (rows + RowsPerBlock - 1) / RowsPerBlock;
+        Parallel.For(0, blocks, new ParallelOptions { MaxDegreeOfParallelism = KernelThreading.MaxThreads }, block =>
+        {
+            float[] row = ArrayPool<float>.Shared.Rent(cols), delta = ArrayPool<float>.Shared.Rent(cols);
+            try
+            {
+                var rowSpan = row.AsSpan(0, cols);
+                var deltaSpan = delta.AsSpan(0, cols);
+                for (int n = block * RowsPerBlock, end = Math.Min(rows, n + RowsPerBlock); n < end; n++)
+                {
+                    nint offset = (nint)n * cols * elementSize;
+                    Widen(source + offset, dtype, rowSpan);
+                    DeltaRow(n, deltaSpan);
+                    TensorPrimitives.Add(rowSpan, deltaSpan, rowSpan);
+                    Narrow(rowSpan, dtype, merged + offset);
+                }
+            }
+            finally
+            {
+                ArrayPool<float>.Shared.Return(delta);
+                ArrayPool<float>.Shared.Return(row);
+            }
+        });
+        return new MergedWeight(storage, new WeightMatrix(merged, dtype, rows, cols));
     }
 
-    private static void Widen(in WeightMatrix w, Span<float> destination)
+    /// <summary>delta = scaling · Σ_j B[n, j]·A[j, :], summed over j in order in fp32: row n of scaling·B·A.</summary>
+    private void DeltaRow(int n, Span<float> delta)
     {
-        int count = w.Rows * w.Cols;
-        switch (w.DType)
+        int cols = InFeatures, rank = Rank;
+        delta.Clear();
+        for (int j = 0; j < rank; j++)
+            TensorPrimitives.MultiplyAdd(_a.AsSpan(j * cols, cols), _b[n * rank + j], delta, delta);
+        TensorPrimitives.Multiply(delta, Scaling, delta);
+    }
+
+    /// <summary>Reads destination.Length values stored as <paramref name="dtype"/> at <paramref name="source"/> into fp32.</summary>
+    internal static void Widen(byte* source, DType dtype, Span<float> destination)
+    {
+        int count = destination.Length;
+        switch (dtype)
         {
             case DType.F32:
-                new ReadOnlySpan<float>(w.Data, count).CopyTo(destination);
+                new ReadOnlySpan<float>(source, count).CopyTo(destination);
                 break;
             case DType.BF16:
-                var bf = new ReadOnlySpan<ushort>(w.Data, count);
+                var bf = new ReadOnlySpan<ushort>(source, count);
                 for (int i = 0; i < count; i++) destination[i] = BitConverter.Int32BitsToSingle(bf[i] << 16);
                 break;
             case DType.F16:
-                TensorPrimitives.ConvertToSingle(new ReadOnlySpan<Half>(w.Data, count), destination[..count]);
+                TensorPrimitives.ConvertToSingle(new ReadOnlySpan<Half>(source, count), destination);
                 break;
             default:
-                throw new InvalidDataException($"weight dtype {w.DType} cannot be merged");
+                throw new InvalidDataException($"dtype {dtype} cannot be widened to fp32 (F32, BF16 or F16)");
+        }
+    }
+
+    /// <summary>Stores fp32 <paramref name="source"/> as <paramref name="dtype"/> at <paramref name="destination"/>, rounding to nearest even.</summary>
+    private static void Narrow(ReadOnlySpan<float> source, DType dtype, byte* destination)
+    {
+        int count = source.Length;
+        switch (dtype)
+        {
+            case DType.F32:
+                source.CopyTo(new Span<float>(destination, count));
+                break;
+            case DType.BF16:
+                Synthesis.SyntheticTensorData.ToBFloat16(source, new Span<ushort>(destination, count));
+                break;
+            case DType.F16:
+                TensorPrimitives.ConvertToHalf(source, new Span<Half>(destination, count));
+                break;
+            default:
+                throw new InvalidDataException($"dtype {dtype} cannot be stored from fp32 (F32, BF16 or F16)");
         }
     }
 
     private static float* Pointer(float[] pinned) => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(pinned));
 }
+
+/// <summary>A merged weight: its private pinned storage (float, ushort or Half elements) and the matrix that reads it.</summary>
+internal readonly record struct MergedWeight(Array Storage, WeightMatrix Matrix);
