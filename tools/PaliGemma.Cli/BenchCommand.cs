@@ -20,7 +20,7 @@ namespace PaliGemma.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    private static readonly HashSet<string> Flags = ["json", "quiet", "merge-adapter"];
+    private static readonly HashSet<string> Flags = ["json", "quiet", "merge-adapter", "compare-merged"];
 
     private sealed class RunTimings
     {
@@ -44,9 +44,11 @@ public static class BenchCommand
         int probeMb = a.Int("probe-mb", 1024, 0, 1 << 20);
         string? adapterDir = a.Optional("adapter");
         bool mergeAdapter = a.Flag("merge-adapter");
+        bool compareMerged = a.Flag("compare-merged");
         bool json = a.Flag("json"), quiet = a.Flag("quiet");
         a.RejectUnknown();
         if (mergeAdapter && adapterDir is null) throw new UsageException("--merge-adapter needs --adapter DIR");
+        if (compareMerged && (adapterDir is null || mergeAdapter)) throw new UsageException("--compare-merged needs --adapter DIR at run time (without --merge-adapter)");
         if (threads > 0) KernelThreading.MaxThreads = threads;
 
         void Progress(string message)
@@ -88,6 +90,16 @@ public static class BenchCommand
             if (r >= warmup) results.Add(timings);
         }
         long? peakRss = ProcessStats.PeakResidentBytes();
+
+        InterleavedResult? interleaved = null;
+        if (compareMerged)
+        {
+            Progress($"interleaved: loading {modelDir} with {adapterDir} merged, then alternating decode steps with the run-time adapter");
+            using var merged = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath, MergeAdapterDirectory = adapterDir });
+            interleaved = Interleave(model, runtimeAdapter!, merged, imagePath, prompt, newTokens, runs, Progress);
+            Progress(string.Create(CultureInfo.InvariantCulture,
+                $"interleaved: run time {interleaved.RuntimeMedianStepSeconds * 1000:F1} ms/token, merged {interleaved.MergedMedianStepSeconds * 1000:F1} ms/token (medians of {interleaved.Steps} steps each), ratio {interleaved.Ratio:F3}"));
+        }
 
         MemoryBandwidthResult? probe = null;
         if (probeMb > 0)
@@ -181,6 +193,17 @@ public static class BenchCommand
                 else w.WriteNull("peak_rss_bytes");
                 w.WriteNumber("allocated_bytes_per_decode_token", Math.Round(allocatedPerToken));
                 w.WriteNumber("allocated_bytes_per_decode_token_this_thread", Math.Round(allocatedPerTokenThread));
+                if (interleaved is not null)
+                {
+                    w.WriteStartObject("interleaved_vs_merged");
+                    w.WriteNumber("steps", interleaved.Steps);
+                    w.WriteNumber("runtime_decode_s_per_token_median", Round(interleaved.RuntimeMedianStepSeconds));
+                    w.WriteNumber("merged_decode_s_per_token_median", Round(interleaved.MergedMedianStepSeconds));
+                    w.WriteNumber("runtime_over_merged", Round(interleaved.Ratio));
+                    w.WriteNumber("runtime_decode_s_total", Round(interleaved.RuntimeTotalSeconds));
+                    w.WriteNumber("merged_decode_s_total", Round(interleaved.MergedTotalSeconds));
+                    w.WriteEndObject();
+                }
                 w.WriteStartArray("runs_detail");
                 foreach (var run in results)
                 {
@@ -220,6 +243,9 @@ public static class BenchCommand
                         $"adapter     {adapter.FileBytes / 1e6,10:F2} MB  run time: {adapter.Modules} modules, r {adapter.Rank}, {adapter.MemoryBytes / 1e6:F2} MB in fp32, RSS added {added}"));
             }
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"allocated   {allocatedPerToken,10:F0} bytes/decode token ({allocatedPerTokenThread:F0} on the decoding thread)"));
+            if (interleaved is not null)
+                o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                    $"interleaved {interleaved.RuntimeMedianStepSeconds * 1000,10:F1} ms/token run time vs {interleaved.MergedMedianStepSeconds * 1000:F1} merged ({interleaved.Steps} steps each): ratio {interleaved.Ratio:F3}"));
         }
         return 0;
     }
@@ -263,6 +289,59 @@ public static class BenchCommand
         progress(string.Create(CultureInfo.InvariantCulture,
             $"decode {newTokens - 1} steps {t.DecodeSeconds:F2} s ({(newTokens - 1) / t.DecodeSeconds:F2} tokens/s)"));
         return t;
+    }
+
+    private sealed record InterleavedResult(int Steps, double RuntimeMedianStepSeconds, double MergedMedianStepSeconds, double RuntimeTotalSeconds, double MergedTotalSeconds)
+    {
+        public double Ratio => RuntimeMedianStepSeconds / MergedMedianStepSeconds;
+    }
+
+    /// <summary>
+    /// Decodes with the run-time adapter and with the merged model in alternation, one step each, the order swapped every
+    /// step: both see the same load from other processes, so their ratio holds on a busy machine where separate runs drift.
+    /// </summary>
+    private static InterleavedResult Interleave(PaliGemmaModel model, LoraAdapter adapter, PaliGemmaModel merged, string? imagePath, string prompt,
+        int newTokens, int runs, Action<string> progress)
+    {
+        var runtimeSteps = new List<double>();
+        var mergedSteps = new List<double>();
+        var clock = new Stopwatch();
+        for (int r = 0; r < runs; r++)
+        {
+            var image = imagePath is null ? GradientImage(640, 480) : ImageLoader.Load(imagePath);
+            int[] ids = model.Tokenizer.BuildPrompt(prompt, model.NumImageTokens);
+            float[] pixels = model.Preprocess(image);
+            var runtime = new PaliGemmaSession(model, 1, ids.Length + newTokens, adapter);
+            var mergedSession = new PaliGemmaSession(merged, 1, ids.Length + newTokens);
+            var runtimeLogits = new float[runtime.VocabSize];
+            var mergedLogits = new float[mergedSession.VocabSize];
+            runtime.Prefill(ids, default, ids.Length, model.EncodeImages(pixels, 1, null, default, adapter), runtimeLogits);
+            mergedSession.Prefill(ids, default, ids.Length, merged.EncodeImages(pixels, 1), mergedLogits);
+            // Each session follows its own greedy tokens (they may part ways: bf16 rounding of the merged weights).
+            int[] runtimeNext = [TensorPrimitives.IndexOfMax(runtimeLogits)], mergedNext = [TensorPrimitives.IndexOfMax(mergedLogits)];
+            for (int step = 1; step < newTokens; step++)
+            {
+                for (int turn = 0; turn < 2; turn++)
+                {
+                    bool runtimeTurn = (step + turn) % 2 == 0;
+                    clock.Restart();
+                    if (runtimeTurn)
+                    {
+                        runtime.Decode(runtimeNext, runtimeLogits);
+                        runtimeNext[0] = TensorPrimitives.IndexOfMax(runtimeLogits);
+                        runtimeSteps.Add(clock.Elapsed.TotalSeconds);
+                    }
+                    else
+                    {
+                        mergedSession.Decode(mergedNext, mergedLogits);
+                        mergedNext[0] = TensorPrimitives.IndexOfMax(mergedLogits);
+                        mergedSteps.Add(clock.Elapsed.TotalSeconds);
+                    }
+                }
+            }
+            progress(string.Create(CultureInfo.InvariantCulture, $"interleaved run {r + 1}/{runs}: {newTokens - 1} steps each"));
+        }
+        return new InterleavedResult(runtimeSteps.Count, Median(runtimeSteps), Median(mergedSteps), runtimeSteps.Sum(), mergedSteps.Sum());
     }
 
     /// <summary>Sizes of a loaded adapter: its file, its fp32 A and B, the part read per decode token, and merged copies.</summary>

@@ -20,7 +20,7 @@ public static class Program
           paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
           paligemma synth-adapter --model DIR --out DIR [--rank 8] [--alpha 16] [--targets q_proj,k_proj,...] [--seed N] [--dtype f32|bf16|f16] [--force] [--quiet]
           paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE]
-                             [--adapter DIR [--merge-adapter]] [--json] [--quiet]
+                             [--adapter DIR [--merge-adapter | --compare-merged]] [--json] [--quiet]
           paligemma help | --help | --version
 
         generate options:
@@ -67,7 +67,8 @@ public static class Program
         bench times preprocess, vision, prefill and decode (medians over --runs; default 3 runs, 32 new tokens, greedy,
         never stopping at <eos>), the weight GB/s decode streams, peak RSS, bytes allocated per decode token and a
         memory read probe (--probe-mb, default 1024; 0 skips it). --adapter DIR runs with a LoRA adapter at run time (or merged
-        at load with --merge-adapter) and adds the adapter's size and the resident memory it added.
+        at load with --merge-adapter) and adds the adapter's size and the resident memory it added; --compare-merged also loads
+        the merged model and alternates its decode steps with the run-time adapter's, for a ratio that holds on a busy machine.
         """;
 
     public static int Main(string[] args)

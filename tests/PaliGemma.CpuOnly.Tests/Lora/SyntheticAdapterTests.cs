@@ -174,5 +174,21 @@ public sealed class SyntheticAdapterTests(ITestOutputHelper output)
             }
         }
         Assert.Equal(2, CliTests.Run("bench", "--model", model, "--merge-adapter", "--quiet").Code);
+
+        // Run time and merged decode steps in alternation, in one process.
+        (code, stdout, stderr) = CliTests.Run("bench", "--model", model, "--adapter", adapterDir, "--compare-merged", "--new-tokens", "4", "--runs", "2",
+            "--probe-mb", "0", "--json", "--quiet");
+        Assert.True(code == 0, $"exit {code}: {stderr}");
+        var interleaved = JsonDocument.Parse(stdout).RootElement.GetProperty("interleaved_vs_merged");
+        Assert.Equal(2 * 3, interleaved.GetProperty("steps").GetInt32());
+        double runtimeStep = interleaved.GetProperty("runtime_decode_s_per_token_median").GetDouble();
+        double mergedStep = interleaved.GetProperty("merged_decode_s_per_token_median").GetDouble();
+        Assert.True(runtimeStep > 0 && mergedStep > 0);
+        // The ratio of the two medians, up to their rounding to 1e-6 s in the JSON.
+        double ratio = runtimeStep / mergedStep;
+        Assert.InRange(interleaved.GetProperty("runtime_over_merged").GetDouble(), ratio * (1 - 1e-6 / runtimeStep - 1e-6 / mergedStep) - 1e-6,
+            ratio * (1 + 1e-6 / runtimeStep + 1e-6 / mergedStep) + 1e-6);
+        Assert.Equal(2, CliTests.Run("bench", "--model", model, "--adapter", adapterDir, "--merge-adapter", "--compare-merged", "--quiet").Code);
+        Assert.Equal(2, CliTests.Run("bench", "--model", model, "--compare-merged", "--quiet").Code);
     }
 }
