@@ -353,7 +353,7 @@ public static class BenchCommand
             long memory = 0, decode = 0, merged = 0;
             foreach (var m in adapter.Modules)
             {
-                long bytes = ((long)m.A.Length + m.B.Length) * sizeof(float);
+                long bytes = ((long)m.A.Length + m.BTransposed.Length) * sizeof(float);
                 memory += bytes;
                 if (m.Name.StartsWith("language_model.", StringComparison.Ordinal)) decode += bytes;
                 if (m.Layer.HasMergedWeight) merged += (long)m.Layer.Weight.Rows * m.Layer.Weight.Cols * m.Layer.Weight.DType.SizeOf();

@@ -8,25 +8,28 @@ using PaliGemma.CpuOnly.Tensors;
 namespace PaliGemma.CpuOnly.Model.Lora;
 
 /// <summary>
-/// One adapted dense layer: A [rank, in] and B [out, rank] in fp32 with the layer's scaling. At run time it adds
-/// scaling·(x·Aᵀ)·Bᵀ to the base layer's output; merged, it gives W + scaling·B·A.
+/// One adapted dense layer: A [rank, in] and B [out, rank] (kept transposed, [rank, out]) in fp32 with the layer's
+/// scaling. At run time it adds scaling·(x·Aᵀ)·Bᵀ to the base layer's output; merged, it gives W + scaling·B·A.
 /// </summary>
 public sealed unsafe class LoraModule
 {
-    // Pinned, so the kernels can read them through WeightMatrix pointers for the module's lifetime.
-    private readonly float[] _a, _b;
-    private readonly WeightMatrix _aMatrix, _bMatrix;
+    // A is pinned, so the kernels can read it through a WeightMatrix pointer for the module's lifetime. B is kept
+    // transposed: with K = rank (8 or so) a dot-product kernel spends its time on horizontal sums, while rank passes of
+    // "up += d_j · Bᵀ[j, :]" are long contiguous vector operations.
+    private readonly float[] _a, _bTransposed;
+    private readonly WeightMatrix _aMatrix;
 
-    internal LoraModule(string name, Linear target, float[] pinnedA, float[] pinnedB, int rank, float scaling)
+    internal LoraModule(string name, Linear target, float[] pinnedA, float[] bTransposed, int rank, float scaling)
     {
+        if (pinnedA.Length != rank * target.InFeatures || bTransposed.Length != rank * target.OutFeatures)
+            throw new ArgumentException($"LoRA module '{name}': A holds {pinnedA.Length} and Bᵀ {bTransposed.Length} floats for rank {rank} and a [{target.OutFeatures}, {target.InFeatures}] layer");
         Name = name;
         Target = target;
         Rank = rank;
         Scaling = scaling;
         _a = pinnedA;
-        _b = pinnedB;
+        _bTransposed = bTransposed;
         _aMatrix = new WeightMatrix(Pointer(pinnedA), DType.F32, rank, target.InFeatures);
-        _bMatrix = new WeightMatrix(Pointer(pinnedB), DType.F32, target.OutFeatures, rank);
     }
 
     /// <summary>The module path in the base checkpoint's (hub) names, e.g. <c>language_model.model.layers.0.self_attn.q_proj</c>.</summary>
@@ -35,28 +38,39 @@ public sealed unsafe class LoraModule
     /// <summary>lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (per-module overrides applied).</summary>
     public float Scaling { get; }
     public int InFeatures => _aMatrix.Cols;
-    public int OutFeatures => _bMatrix.Rows;
+    public int OutFeatures => _bTransposed.Length / Rank;
     /// <summary>lora_A [rank, in], row-major fp32.</summary>
     public ReadOnlySpan<float> A => _a;
-    /// <summary>lora_B [out, rank], row-major fp32.</summary>
-    public ReadOnlySpan<float> B => _b;
+    /// <summary>lora_B transposed: [rank, out], row-major fp32 (row j is column j of lora_B, so B[n, j] is at j·out + n).</summary>
+    public ReadOnlySpan<float> BTransposed => _bTransposed;
     /// <summary>The base layer this module adapts.</summary>
     public Linear Layer => Target;
     internal Linear Target { get; }
 
-    /// <summary>y[rows, out] += scaling · (x·Aᵀ)·Bᵀ, the order PEFT evaluates it in. Scratch comes from the shared pool.</summary>
+    /// <summary>
+    /// y[rows, out] += scaling · (x·Aᵀ)·Bᵀ in PEFT's order: the low-rank product first (its sum over the rank in order),
+    /// then scaled, then added. Scratch comes from the shared pool.
+    /// </summary>
     internal void AddDelta(ReadOnlySpan<float> x, int rows, Span<float> y)
     {
         if (rows == 0) return;
-        int outLength = rows * OutFeatures;
-        float[] down = ArrayPool<float>.Shared.Rent(rows * Rank);
-        float[] up = ArrayPool<float>.Shared.Rent(outLength);
+        int rank = Rank, outFeatures = OutFeatures;
+        float[] down = ArrayPool<float>.Shared.Rent(rows * rank);
+        float[] up = ArrayPool<float>.Shared.Rent(outFeatures);
         try
         {
             MatMul.Multiply(x, rows, _aMatrix, default, down);
-            MatMul.Multiply(down, rows, _bMatrix, default, up);
-            var result = y[..outLength];
-            TensorPrimitives.MultiplyAdd(up.AsSpan(0, outLength), Scaling, result, result);
+            var upRow = up.AsSpan(0, outFeatures);
+            var bT = _bTransposed.AsSpan();
+            for (int m = 0; m < rows; m++)
+            {
+                var d = down.AsSpan(m * rank, rank);
+                TensorPrimitives.Multiply(bT[..outFeatures], d[0], upRow);
+                for (int j = 1; j < rank; j++)
+                    TensorPrimitives.MultiplyAdd(bT.Slice(j * outFeatures, outFeatures), d[j], upRow, upRow);
+                var yRow = y.Slice(m * outFeatures, outFeatures);
+                TensorPrimitives.MultiplyAdd(upRow, Scaling, yRow, yRow);
+            }
         }
         finally
         {
@@ -119,10 +133,10 @@ public sealed unsafe class LoraModule
     /// <summary>delta = scaling · Σ_j B[n, j]·A[j, :], summed over j in order in fp32: row n of scaling·B·A.</summary>
     private void DeltaRow(int n, Span<float> delta)
     {
-        int cols = InFeatures, rank = Rank;
+        int cols = InFeatures, rank = Rank, outFeatures = OutFeatures;
         delta.Clear();
         for (int j = 0; j < rank; j++)
-            TensorPrimitives.MultiplyAdd(_a.AsSpan(j * cols, cols), _b[n * rank + j], delta, delta);
+            TensorPrimitives.MultiplyAdd(_a.AsSpan(j * cols, cols), _bTransposed[j * outFeatures + n], delta, delta);
         TensorPrimitives.Multiply(delta, Scaling, delta);
     }
 

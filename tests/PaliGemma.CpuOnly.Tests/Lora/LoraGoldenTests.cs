@@ -201,7 +201,7 @@ public sealed class LoraGoldenTests(ITestOutputHelper output)
             for (int k = 0; k < cols; k++)
             {
                 float delta = 0;
-                for (int j = 0; j < rank; j++) delta = module.A[j * cols + k] * module.B[n * rank + j] + delta;
+                for (int j = 0; j < rank; j++) delta = module.A[j * cols + k] * module.BTransposed[j * rows + n] + delta;
                 float sum = w[n * cols + k] + delta * module.Scaling;
                 ushort expected = dtype == DType.BF16 ? RoundToBFloat16(sum) : BitConverter.HalfToUInt16Bits((Half)sum);
                 int i = n * cols + k;

@@ -110,7 +110,7 @@ public sealed class SyntheticAdapterTests(ITestOutputHelper output)
         var config = model.Config;
         Assert.Equal(7 * config.Text.NumHiddenLayers + 3 * config.Vision.NumHiddenLayers, adapter.Modules.Count);
         Assert.All(adapter.Modules, m => Assert.Equal(2f, m.Scaling));   // alpha 16 / r 8
-        Assert.All(adapter.Modules, m => Assert.Contains(m.B.ToArray(), b => b != 0));
+        Assert.All(adapter.Modules, m => Assert.Contains(m.BTransposed.ToArray(), b => b != 0));
 
         const string sample = "s1_caption";
         float[] pixels = LoraGoldenData.PixelValues(sample);
