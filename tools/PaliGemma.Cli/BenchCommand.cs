@@ -94,11 +94,11 @@ public static class BenchCommand
         InterleavedResult? interleaved = null;
         if (compareMerged)
         {
-            Progress($"interleaved: loading {modelDir} with {adapterDir} merged, then alternating decode steps with the run-time adapter");
+            Progress($"interleaved: loading {modelDir} with {adapterDir} merged, then rotating decode steps: run-time adapter, merged, base");
             using var merged = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath, MergeAdapterDirectory = adapterDir });
             interleaved = Interleave(model, runtimeAdapter!, merged, imagePath, prompt, newTokens, runs, Progress);
             Progress(string.Create(CultureInfo.InvariantCulture,
-                $"interleaved: run time {interleaved.RuntimeMedianStepSeconds * 1000:F1} ms/token, merged {interleaved.MergedMedianStepSeconds * 1000:F1} ms/token (medians of {interleaved.Steps} steps each), ratio {interleaved.Ratio:F3}"));
+                $"interleaved: run time {interleaved.RuntimeMedianStepSeconds * 1000:F1} ms/token, merged {interleaved.MergedMedianStepSeconds * 1000:F1}, base {interleaved.BaseMedianStepSeconds * 1000:F1} (medians of {interleaved.Steps} steps each), run time / merged {interleaved.Ratio:F3}"));
         }
 
         MemoryBandwidthResult? probe = null;
@@ -199,9 +199,13 @@ public static class BenchCommand
                     w.WriteNumber("steps", interleaved.Steps);
                     w.WriteNumber("runtime_decode_s_per_token_median", Round(interleaved.RuntimeMedianStepSeconds));
                     w.WriteNumber("merged_decode_s_per_token_median", Round(interleaved.MergedMedianStepSeconds));
+                    w.WriteNumber("base_decode_s_per_token_median", Round(interleaved.BaseMedianStepSeconds));
                     w.WriteNumber("runtime_over_merged", Round(interleaved.Ratio));
+                    w.WriteNumber("runtime_over_base", Round(interleaved.RuntimeMedianStepSeconds / interleaved.BaseMedianStepSeconds));
+                    w.WriteNumber("merged_over_base", Round(interleaved.MergedMedianStepSeconds / interleaved.BaseMedianStepSeconds));
                     w.WriteNumber("runtime_decode_s_total", Round(interleaved.RuntimeTotalSeconds));
                     w.WriteNumber("merged_decode_s_total", Round(interleaved.MergedTotalSeconds));
+                    w.WriteNumber("base_decode_s_total", Round(interleaved.BaseTotalSeconds));
                     w.WriteEndObject();
                 }
                 w.WriteStartArray("runs_detail");
@@ -245,7 +249,7 @@ public static class BenchCommand
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"allocated   {allocatedPerToken,10:F0} bytes/decode token ({allocatedPerTokenThread:F0} on the decoding thread)"));
             if (interleaved is not null)
                 o.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                    $"interleaved {interleaved.RuntimeMedianStepSeconds * 1000,10:F1} ms/token run time vs {interleaved.MergedMedianStepSeconds * 1000:F1} merged ({interleaved.Steps} steps each): ratio {interleaved.Ratio:F3}"));
+                    $"interleaved {interleaved.RuntimeMedianStepSeconds * 1000,10:F1} ms/token run time, {interleaved.MergedMedianStepSeconds * 1000:F1} merged, {interleaved.BaseMedianStepSeconds * 1000:F1} base ({interleaved.Steps} steps each): run time / merged {interleaved.Ratio:F3}"));
         }
         return 0;
     }
@@ -291,57 +295,54 @@ public static class BenchCommand
         return t;
     }
 
-    private sealed record InterleavedResult(int Steps, double RuntimeMedianStepSeconds, double MergedMedianStepSeconds, double RuntimeTotalSeconds, double MergedTotalSeconds)
+    private sealed record InterleavedResult(int Steps, double RuntimeMedianStepSeconds, double MergedMedianStepSeconds, double BaseMedianStepSeconds,
+        double RuntimeTotalSeconds, double MergedTotalSeconds, double BaseTotalSeconds)
     {
         public double Ratio => RuntimeMedianStepSeconds / MergedMedianStepSeconds;
     }
 
     /// <summary>
-    /// Decodes with the run-time adapter and with the merged model in alternation, one step each, the order swapped every
-    /// step: both see the same load from other processes, so their ratio holds on a busy machine where separate runs drift.
+    /// Decodes with the run-time adapter, the merged model and the base model without an adapter in turn, one step each,
+    /// the order rotated every step: all three see the same load from other processes, so their ratios hold on a busy
+    /// machine where separate runs drift. The base separates the low-rank work (run time vs base, same mapped weights)
+    /// from the effect of reading private copies instead of mapped file pages (merged vs base).
     /// </summary>
     private static InterleavedResult Interleave(PaliGemmaModel model, LoraAdapter adapter, PaliGemmaModel merged, string? imagePath, string prompt,
         int newTokens, int runs, Action<string> progress)
     {
-        var runtimeSteps = new List<double>();
-        var mergedSteps = new List<double>();
+        var steps = new[] { new List<double>(), new List<double>(), new List<double>() };   // run time, merged, base
         var clock = new Stopwatch();
         for (int r = 0; r < runs; r++)
         {
             var image = imagePath is null ? GradientImage(640, 480) : ImageLoader.Load(imagePath);
             int[] ids = model.Tokenizer.BuildPrompt(prompt, model.NumImageTokens);
             float[] pixels = model.Preprocess(image);
-            var runtime = new PaliGemmaSession(model, 1, ids.Length + newTokens, adapter);
-            var mergedSession = new PaliGemmaSession(merged, 1, ids.Length + newTokens);
-            var runtimeLogits = new float[runtime.VocabSize];
-            var mergedLogits = new float[mergedSession.VocabSize];
-            runtime.Prefill(ids, default, ids.Length, model.EncodeImages(pixels, 1, null, default, adapter), runtimeLogits);
-            mergedSession.Prefill(ids, default, ids.Length, merged.EncodeImages(pixels, 1), mergedLogits);
-            // Each session follows its own greedy tokens (they may part ways: bf16 rounding of the merged weights).
-            int[] runtimeNext = [TensorPrimitives.IndexOfMax(runtimeLogits)], mergedNext = [TensorPrimitives.IndexOfMax(mergedLogits)];
+            var sessions = new[]
+            {
+                new PaliGemmaSession(model, 1, ids.Length + newTokens, adapter),
+                new PaliGemmaSession(merged, 1, ids.Length + newTokens),
+                new PaliGemmaSession(model, 1, ids.Length + newTokens),
+            };
+            var logits = sessions.Select(x => new float[x.VocabSize]).ToArray();
+            sessions[0].Prefill(ids, default, ids.Length, model.EncodeImages(pixels, 1, null, default, adapter), logits[0]);
+            sessions[1].Prefill(ids, default, ids.Length, merged.EncodeImages(pixels, 1), logits[1]);
+            sessions[2].Prefill(ids, default, ids.Length, model.EncodeImages(pixels, 1), logits[2]);
+            // Each session follows its own greedy tokens (they part ways: the adapter changes them, bf16 rounding may too).
+            var next = logits.Select(l => new[] { TensorPrimitives.IndexOfMax(l) }).ToArray();
             for (int step = 1; step < newTokens; step++)
             {
-                for (int turn = 0; turn < 2; turn++)
+                for (int turn = 0; turn < 3; turn++)
                 {
-                    bool runtimeTurn = (step + turn) % 2 == 0;
+                    int s = (step + turn) % 3;
                     clock.Restart();
-                    if (runtimeTurn)
-                    {
-                        runtime.Decode(runtimeNext, runtimeLogits);
-                        runtimeNext[0] = TensorPrimitives.IndexOfMax(runtimeLogits);
-                        runtimeSteps.Add(clock.Elapsed.TotalSeconds);
-                    }
-                    else
-                    {
-                        mergedSession.Decode(mergedNext, mergedLogits);
-                        mergedNext[0] = TensorPrimitives.IndexOfMax(mergedLogits);
-                        mergedSteps.Add(clock.Elapsed.TotalSeconds);
-                    }
+                    sessions[s].Decode(next[s], logits[s]);
+                    next[s][0] = TensorPrimitives.IndexOfMax(logits[s]);
+                    steps[s].Add(clock.Elapsed.TotalSeconds);
                 }
             }
             progress(string.Create(CultureInfo.InvariantCulture, $"interleaved run {r + 1}/{runs}: {newTokens - 1} steps each"));
         }
-        return new InterleavedResult(runtimeSteps.Count, Median(runtimeSteps), Median(mergedSteps), runtimeSteps.Sum(), mergedSteps.Sum());
+        return new InterleavedResult(steps[0].Count, Median(steps[0]), Median(steps[1]), Median(steps[2]), steps[0].Sum(), steps[1].Sum(), steps[2].Sum());
     }
 
     /// <summary>Sizes of a loaded adapter: its file, its fp32 A and B, the part read per decode token, and merged copies.</summary>

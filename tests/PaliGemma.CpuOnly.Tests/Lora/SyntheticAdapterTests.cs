@@ -183,7 +183,7 @@ public sealed class SyntheticAdapterTests(ITestOutputHelper output)
         Assert.Equal(2 * 3, interleaved.GetProperty("steps").GetInt32());
         double runtimeStep = interleaved.GetProperty("runtime_decode_s_per_token_median").GetDouble();
         double mergedStep = interleaved.GetProperty("merged_decode_s_per_token_median").GetDouble();
-        Assert.True(runtimeStep > 0 && mergedStep > 0);
+        Assert.True(runtimeStep > 0 && mergedStep > 0 && interleaved.GetProperty("base_decode_s_per_token_median").GetDouble() > 0);
         // The ratio of the two medians, up to their rounding to 1e-6 s in the JSON.
         double ratio = runtimeStep / mergedStep;
         Assert.InRange(interleaved.GetProperty("runtime_over_merged").GetDouble(), ratio * (1 - 1e-6 / runtimeStep - 1e-6 / mergedStep) - 1e-6,
