@@ -10,8 +10,8 @@ public sealed class Linear
 {
     private WeightMatrix _weight;
     private readonly float[] _bias;
-    // A merged LoRA weight: a private pinned fp32 array that _weight points into (null while the checkpoint's is used).
-    private float[]? _ownedWeight;
+    // A merged LoRA weight: a private pinned array in the checkpoint's dtype that _weight points into (null while the checkpoint's is used).
+    private Array? _ownedWeight;
     // The weight in q8/nf4 blocks (mapped from a quantized checkpoint or quantized at load); when set, _weight is unused.
     private QuantizedMatrix? _quantized;
 
@@ -42,7 +42,7 @@ public sealed class Linear
         : throw new NotSupportedException($"'{Name}' is quantized ({_quantized.Format.Name()}); it has no float weight matrix");
     /// <summary>The module path in the hub checkpoint (the weight's name without <c>.weight</c>), empty when built directly.</summary>
     public string Name { get; }
-    /// <summary>True when a LoRA adapter was merged into a private fp32 copy of the weight at load.</summary>
+    /// <summary>True when a LoRA adapter was merged at load into a private copy of the weight (in the checkpoint's dtype).</summary>
     public bool HasMergedWeight => _ownedWeight is not null;
 
     /// <summary>Index of this layer among the model's adaptable layers; LoRA adapters look their modules up by it (-1: not adaptable).</summary>
@@ -63,17 +63,17 @@ public sealed class Linear
         if (adapter is not null && AdapterSlot >= 0) adapter.ModuleAt(AdapterSlot)?.AddDelta(x, rows, y);
     }
 
-    /// <summary>Points the layer at a merged fp32 weight; only called while the model is being loaded.</summary>
-    internal unsafe void UseMergedWeight(float[] pinnedWeight)
+    /// <summary>Points the layer at a merged weight of the same shape and dtype; only called while the model is being loaded.</summary>
+    internal void UseMergedWeight(MergedWeight merged)
     {
         if (_quantized is not null)
             throw new NotSupportedException($"'{Name}' is quantized ({_quantized.Format.Name()}); merge LoRA adapters into the float checkpoint before quantizing");
-        if (pinnedWeight.Length != (long)_weight.Rows * _weight.Cols)
-            throw new ArgumentException($"merged weight for '{Name}' holds {pinnedWeight.Length} floats, {(long)_weight.Rows * _weight.Cols} needed", nameof(pinnedWeight));
-        // The array lives on the pinned object heap, so the pointer stays valid for as long as this layer holds it.
-        var data = (float*)System.Runtime.CompilerServices.Unsafe.AsPointer(ref System.Runtime.InteropServices.MemoryMarshal.GetArrayDataReference(pinnedWeight));
-        _weight = new WeightMatrix(data, DType.F32, _weight.Rows, _weight.Cols);
-        _ownedWeight = pinnedWeight;
+        var w = merged.Matrix;
+        if (w.Rows != _weight.Rows || w.Cols != _weight.Cols || w.DType != _weight.DType)
+            throw new ArgumentException($"merged weight for '{Name}' is {w}, the layer's is {_weight}", nameof(merged));
+        // The storage lives on the pinned object heap, so the pointer stays valid for as long as this layer holds it.
+        _weight = w;
+        _ownedWeight = merged.Storage;
     }
 
     /// <summary>Replaces the float weight by a quantized copy of it (load-time quantization; the float weight is no longer read).</summary>

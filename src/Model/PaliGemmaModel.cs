@@ -24,7 +24,8 @@ public sealed record PaliGemmaLoadOptions
 
     /// <summary>
     /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to merge at load:
-    /// W' = W + scaling·B·A is written into private fp32 copies of only the adapted matrices; the rest stays mapped.
+    /// W' = W + scaling·B·A is written into private copies of only the adapted matrices, in the checkpoint's dtype (as PEFT's
+    /// merge_and_unload keeps it: summed in fp32, then rounded); the rest stays mapped.
     /// </summary>
     public string? MergeAdapterDirectory { get; init; }
 

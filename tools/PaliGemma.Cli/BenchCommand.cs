@@ -9,6 +9,8 @@ using PaliGemma.CpuOnly.Kernels;
 using PaliGemma.CpuOnly.Model;
 using PaliGemma.CpuOnly.Model.Diagnostics;
 using PaliGemma.CpuOnly.Model.Imaging;
+using PaliGemma.CpuOnly.Model.Lora;
+using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.Cli;
 
@@ -18,7 +20,7 @@ namespace PaliGemma.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    private static readonly HashSet<string> Flags = ["json", "quiet"];
+    private static readonly HashSet<string> Flags = ["json", "quiet", "merge-adapter", "compare-merged"];
 
     private sealed class RunTimings
     {
@@ -45,8 +47,13 @@ public static class BenchCommand
         int probeMb = a.Int("probe-mb", 1024, 0, 1 << 20);
         string? dtype = a.Optional("dtype");
         var quantizeTo = dtype is null ? (PaliGemma.CpuOnly.Quant.QuantFormat?)null : QuantizeCommand.ParseFormat(dtype, "--dtype");
+        string? adapterDir = a.Optional("adapter");
+        bool mergeAdapter = a.Flag("merge-adapter");
+        bool compareMerged = a.Flag("compare-merged");
         bool json = a.Flag("json"), quiet = a.Flag("quiet");
         a.RejectUnknown();
+        if (mergeAdapter && adapterDir is null) throw new UsageException("--merge-adapter needs --adapter DIR");
+        if (compareMerged && (adapterDir is null || mergeAdapter)) throw new UsageException("--compare-merged needs --adapter DIR at run time (without --merge-adapter)");
         if (threads > 0) KernelThreading.MaxThreads = threads;
 
         void Progress(string message)
@@ -57,12 +64,32 @@ public static class BenchCommand
         double? loadAverageStart = ProcessStats.LoadAverage();
         if (loadAverageStart > Environment.ProcessorCount)
             Progress(string.Create(CultureInfo.InvariantCulture, $"note: load average {loadAverageStart:F1} on {Environment.ProcessorCount} cores; other work competes for the CPUs"));
-        Progress($"loading {modelDir}");
-        using var model = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath, QuantizeTo = quantizeTo });
+        Progress(adapterDir is null ? $"loading {modelDir}" : $"loading {modelDir} with {adapterDir} {(mergeAdapter ? "merged at load" : "at run time")}");
+        long? rssBeforeLoad = ProcessStats.ResidentBytes();
+        using var model = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions
+        {
+            TokenizerPath = tokenizerPath,
+            QuantizeTo = quantizeTo,
+            MergeAdapterDirectory = mergeAdapter ? adapterDir : null,
+        });
         double loadSeconds = model.LoadTime.TotalSeconds;
         long weightBytesPerToken = model.Quantization is null
             ? ModelFootprint.DecodeWeightBytesPerToken(modelDir, model.Config.Text)
             : model.Decoder.DecodeWeightBytesPerToken();
+        long? rssAfterLoad = ProcessStats.ResidentBytes();
+        LoraAdapter? runtimeAdapter = null;
+        double adapterLoadSeconds = 0;
+        if (adapterDir is not null && !mergeAdapter)
+        {
+            var adapterClock = Stopwatch.StartNew();
+            runtimeAdapter = model.LoadAdapter(adapterDir);
+            adapterLoadSeconds = adapterClock.Elapsed.TotalSeconds;
+        }
+        long? rssAfterAdapter = ProcessStats.ResidentBytes();
+        var adapterStats = AdapterStats.Of(runtimeAdapter ?? model.MergedAdapter);
+        if (adapterStats is { } stats)
+            Progress(string.Create(CultureInfo.InvariantCulture,
+                $"adapter: {stats.Modules} modules, r {stats.Rank}, {stats.FileBytes / 1e6:F2} MB file, {stats.MemoryBytes / 1e6:F2} MB in fp32{(mergeAdapter ? $", merged into {stats.MergedWeightBytes / 1e9:F2} GB of private weight copies" : "")}"));
         Progress(string.Create(CultureInfo.InvariantCulture,
             $"loaded in {loadSeconds * 1000:F0} ms; {WeightsName(model)} weights, {weightBytesPerToken / 1e9:F2} GB streamed per decode token; {KernelThreading.MaxThreads} threads, {KernelInfo.VectorWidth}"));
 
@@ -71,10 +98,20 @@ public static class BenchCommand
         for (int r = 0; r < warmup + runs; r++)
         {
             string label = r < warmup ? $"warm-up {r + 1}/{warmup}" : $"run {r - warmup + 1}/{runs}";
-            var timings = RunOnce(model, imagePath, prompt, newTokens, out promptTokens, message => Progress($"{label}: {message}"));
+            var timings = RunOnce(model, runtimeAdapter, imagePath, prompt, newTokens, out promptTokens, message => Progress($"{label}: {message}"));
             if (r >= warmup) results.Add(timings);
         }
         long? peakRss = ProcessStats.PeakResidentBytes();
+
+        InterleavedResult? interleaved = null;
+        if (compareMerged)
+        {
+            Progress($"interleaved: loading {modelDir} with {adapterDir} merged, then rotating decode steps: run-time adapter, merged, base");
+            using var merged = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath, MergeAdapterDirectory = adapterDir });
+            interleaved = Interleave(model, runtimeAdapter!, merged, imagePath, prompt, newTokens, runs, Progress);
+            Progress(string.Create(CultureInfo.InvariantCulture,
+                $"interleaved: run time {interleaved.RuntimeMedianStepSeconds * 1000:F1} ms/token, merged {interleaved.MergedMedianStepSeconds * 1000:F1}, base {interleaved.BaseMedianStepSeconds * 1000:F1} (medians of {interleaved.Steps} steps each), run time / merged {interleaved.Ratio:F3}"));
+        }
 
         MemoryBandwidthResult? probe = null;
         if (probeMb > 0)
@@ -125,6 +162,34 @@ public static class BenchCommand
                 w.WriteNumber("decode_tokens_per_s", Round(decodeTokensPerSecond));
                 w.WriteNumber("decode_weight_bytes_per_token", weightBytesPerToken);
                 w.WriteNumber("decode_weight_gb_per_s", Round(decodeGBps));
+                if (adapterStats is { } adapter)
+                {
+                    w.WriteString("adapter", Path.GetFullPath(adapterDir!));
+                    w.WriteString("adapter_mode", mergeAdapter ? "merged" : "runtime");
+                    w.WriteNumber("adapter_modules", adapter.Modules);
+                    w.WriteNumber("adapter_rank", adapter.Rank);
+                    w.WriteNumber("adapter_file_bytes", adapter.FileBytes);
+                    w.WriteNumber("adapter_memory_bytes", adapter.MemoryBytes);
+                    w.WriteNumber("adapter_decode_bytes_per_token", adapter.DecodeBytesPerToken);
+                    if (mergeAdapter)
+                    {
+                        w.WriteNumber("merged_weight_bytes", adapter.MergedWeightBytes);
+                        // Load and merge together: the private copies plus the base pages the merge read.
+                        WriteOptional(w, "load_and_merge_rss_added_bytes", rssAfterLoad - rssBeforeLoad);
+                    }
+                    else
+                    {
+                        w.WriteNumber("adapter_load_s", Round(adapterLoadSeconds));
+                        WriteOptional(w, "adapter_rss_added_bytes", rssAfterAdapter - rssAfterLoad);
+                    }
+                }
+                else
+                {
+                    w.WriteNull("adapter");
+                }
+                WriteOptional(w, "rss_before_load_bytes", rssBeforeLoad);
+                WriteOptional(w, "rss_after_load_bytes", rssAfterLoad);
+                WriteOptional(w, "rss_after_adapter_bytes", rssAfterAdapter);
                 if (probe is not null)
                 {
                     w.WriteNumber("memory_read_gb_per_s", Round(probe.MedianGBps));
@@ -140,6 +205,21 @@ public static class BenchCommand
                 else w.WriteNull("peak_rss_bytes");
                 w.WriteNumber("allocated_bytes_per_decode_token", Math.Round(allocatedPerToken));
                 w.WriteNumber("allocated_bytes_per_decode_token_this_thread", Math.Round(allocatedPerTokenThread));
+                if (interleaved is not null)
+                {
+                    w.WriteStartObject("interleaved_vs_merged");
+                    w.WriteNumber("steps", interleaved.Steps);
+                    w.WriteNumber("runtime_decode_s_per_token_median", Round(interleaved.RuntimeMedianStepSeconds));
+                    w.WriteNumber("merged_decode_s_per_token_median", Round(interleaved.MergedMedianStepSeconds));
+                    w.WriteNumber("base_decode_s_per_token_median", Round(interleaved.BaseMedianStepSeconds));
+                    w.WriteNumber("runtime_over_merged", Round(interleaved.Ratio));
+                    w.WriteNumber("runtime_over_base", Round(interleaved.RuntimeMedianStepSeconds / interleaved.BaseMedianStepSeconds));
+                    w.WriteNumber("merged_over_base", Round(interleaved.MergedMedianStepSeconds / interleaved.BaseMedianStepSeconds));
+                    w.WriteNumber("runtime_decode_s_total", Round(interleaved.RuntimeTotalSeconds));
+                    w.WriteNumber("merged_decode_s_total", Round(interleaved.MergedTotalSeconds));
+                    w.WriteNumber("base_decode_s_total", Round(interleaved.BaseTotalSeconds));
+                    w.WriteEndObject();
+                }
                 w.WriteStartArray("runs_detail");
                 foreach (var run in results)
                 {
@@ -168,12 +248,25 @@ public static class BenchCommand
             if (probe is not null)
                 o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"memory read {probe.MedianGBps,10:F1} GB/s  (decode reaches {100 * decodeGBps / probe.MedianGBps:F0}%)"));
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"peak RSS    {(peakRss is long p ? $"{p / 1e9:F2} GB" : "n/a"),10}"));
+            if (adapterStats is { } adapter)
+            {
+                string added = rssAfterAdapter - rssAfterLoad is long bytes ? $"{bytes / 1e6:F1} MB" : "n/a";
+                if (mergeAdapter)
+                    o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"adapter     {adapter.FileBytes / 1e6,10:F2} MB  merged: {adapter.Modules} modules, r {adapter.Rank}, {adapter.MergedWeightBytes / 1e9:F2} GB of private weight copies"));
+                else
+                    o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"adapter     {adapter.FileBytes / 1e6,10:F2} MB  run time: {adapter.Modules} modules, r {adapter.Rank}, {adapter.MemoryBytes / 1e6:F2} MB in fp32, RSS added {added}"));
+            }
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"allocated   {allocatedPerToken,10:F0} bytes/decode token ({allocatedPerTokenThread:F0} on the decoding thread)"));
+            if (interleaved is not null)
+                o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                    $"interleaved {interleaved.RuntimeMedianStepSeconds * 1000,10:F1} ms/token run time, {interleaved.MergedMedianStepSeconds * 1000:F1} merged, {interleaved.BaseMedianStepSeconds * 1000:F1} base ({interleaved.Steps} steps each): run time / merged {interleaved.Ratio:F3}"));
         }
         return 0;
     }
 
-    private static RunTimings RunOnce(PaliGemmaModel model, string? imagePath, string prompt, int newTokens, out int promptTokens, Action<string> progress)
+    private static RunTimings RunOnce(PaliGemmaModel model, LoraAdapter? adapter, string? imagePath, string prompt, int newTokens, out int promptTokens, Action<string> progress)
     {
         var t = new RunTimings();
         var clock = Stopwatch.StartNew();
@@ -184,11 +277,11 @@ public static class BenchCommand
         promptTokens = ids.Length;
 
         clock.Restart();
-        float[] features = model.EncodeImages(pixels, 1);
+        float[] features = model.EncodeImages(pixels, 1, null, default, adapter);
         t.VisionSeconds = clock.Elapsed.TotalSeconds;
         progress(string.Create(CultureInfo.InvariantCulture, $"vision {t.VisionSeconds:F2} s"));
 
-        var session = new PaliGemmaSession(model, 1, ids.Length + newTokens);
+        var session = new PaliGemmaSession(model, 1, ids.Length + newTokens, adapter);
         var logits = new float[session.VocabSize];
         clock.Restart();
         session.Prefill(ids, default, ids.Length, features, logits);
@@ -214,6 +307,75 @@ public static class BenchCommand
         return t;
     }
 
+    private sealed record InterleavedResult(int Steps, double RuntimeMedianStepSeconds, double MergedMedianStepSeconds, double BaseMedianStepSeconds,
+        double RuntimeTotalSeconds, double MergedTotalSeconds, double BaseTotalSeconds)
+    {
+        public double Ratio => RuntimeMedianStepSeconds / MergedMedianStepSeconds;
+    }
+
+    /// <summary>
+    /// Decodes with the run-time adapter, the merged model and the base model without an adapter in turn, one step each,
+    /// the order rotated every step: all three see the same load from other processes, so their ratios hold on a busy
+    /// machine where separate runs drift. The base separates the low-rank work (run time vs base, same mapped weights)
+    /// from the effect of reading private copies instead of mapped file pages (merged vs base).
+    /// </summary>
+    private static InterleavedResult Interleave(PaliGemmaModel model, LoraAdapter adapter, PaliGemmaModel merged, string? imagePath, string prompt,
+        int newTokens, int runs, Action<string> progress)
+    {
+        var steps = new[] { new List<double>(), new List<double>(), new List<double>() };   // run time, merged, base
+        var clock = new Stopwatch();
+        for (int r = 0; r < runs; r++)
+        {
+            var image = imagePath is null ? GradientImage(640, 480) : ImageLoader.Load(imagePath);
+            int[] ids = model.Tokenizer.BuildPrompt(prompt, model.NumImageTokens);
+            float[] pixels = model.Preprocess(image);
+            var sessions = new[]
+            {
+                new PaliGemmaSession(model, 1, ids.Length + newTokens, adapter),
+                new PaliGemmaSession(merged, 1, ids.Length + newTokens),
+                new PaliGemmaSession(model, 1, ids.Length + newTokens),
+            };
+            var logits = sessions.Select(x => new float[x.VocabSize]).ToArray();
+            sessions[0].Prefill(ids, default, ids.Length, model.EncodeImages(pixels, 1, null, default, adapter), logits[0]);
+            sessions[1].Prefill(ids, default, ids.Length, merged.EncodeImages(pixels, 1), logits[1]);
+            sessions[2].Prefill(ids, default, ids.Length, model.EncodeImages(pixels, 1), logits[2]);
+            // Each session follows its own greedy tokens (they part ways: the adapter changes them, bf16 rounding may too).
+            var next = logits.Select(l => new[] { TensorPrimitives.IndexOfMax(l) }).ToArray();
+            for (int step = 1; step < newTokens; step++)
+            {
+                for (int turn = 0; turn < 3; turn++)
+                {
+                    int s = (step + turn) % 3;
+                    clock.Restart();
+                    sessions[s].Decode(next[s], logits[s]);
+                    next[s][0] = TensorPrimitives.IndexOfMax(logits[s]);
+                    steps[s].Add(clock.Elapsed.TotalSeconds);
+                }
+            }
+            progress(string.Create(CultureInfo.InvariantCulture, $"interleaved run {r + 1}/{runs}: {newTokens - 1} steps each"));
+        }
+        return new InterleavedResult(steps[0].Count, Median(steps[0]), Median(steps[1]), Median(steps[2]), steps[0].Sum(), steps[1].Sum(), steps[2].Sum());
+    }
+
+    /// <summary>Sizes of a loaded adapter: its file, its fp32 A and B, the part read per decode token, and merged copies.</summary>
+    private readonly record struct AdapterStats(int Modules, int Rank, long FileBytes, long MemoryBytes, long DecodeBytesPerToken, long MergedWeightBytes)
+    {
+        public static AdapterStats? Of(LoraAdapter? adapter)
+        {
+            if (adapter is null) return null;
+            long memory = 0, decode = 0, merged = 0;
+            foreach (var m in adapter.Modules)
+            {
+                long bytes = ((long)m.A.Length + m.BTransposed.Length) * sizeof(float);
+                memory += bytes;
+                if (m.Name.StartsWith("language_model.", StringComparison.Ordinal)) decode += bytes;
+                if (m.Layer.HasMergedWeight) merged += (long)m.Layer.Weight.Rows * m.Layer.Weight.Cols * m.Layer.Weight.DType.SizeOf();
+            }
+            long file = new FileInfo(Path.Combine(adapter.Directory, LoraAdapter.WeightsFileName)).Length;
+            return new AdapterStats(adapter.Modules.Count, adapter.Config.Rank, file, memory, decode, merged);
+        }
+    }
+
     /// <summary>A smooth RGB gradient: the preprocessing work of a real photo without needing a file.</summary>
     internal static RgbImage GradientImage(int width, int height)
     {
@@ -227,6 +389,12 @@ public static class BenchCommand
             pixels[i + 2] = (byte)(255 * (x + y) / Math.Max(1, width + height - 2));
         }
         return new RgbImage(width, height, pixels);
+    }
+
+    private static void WriteOptional(Utf8JsonWriter w, string name, long? value)
+    {
+        if (value is long v) w.WriteNumber(name, v);
+        else w.WriteNull(name);
     }
 
     private static void WriteOptional(Utf8JsonWriter w, string name, double? value)

@@ -19,7 +19,9 @@ public static class Program
           paligemma batch    --model DIR --input FILE.jsonl [--output FILE.jsonl] [--vae FILE] [--max-new-tokens N] [--quiet]
           paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
           paligemma serve    --model DIR [--urls http://127.0.0.1:8080] [--max-concurrency N] [--max-queue Q] [--max-request-bytes B] [--vae FILE] [--shutdown-timeout S] [--quiet]
-          paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--dtype q8|nf4] [--json] [--quiet]
+          paligemma synth-adapter --model DIR --out DIR [--rank 8] [--alpha 16] [--targets q_proj,k_proj,...] [--seed N] [--dtype f32|bf16|f16] [--force] [--quiet]
+          paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--dtype q8|nf4]
+                             [--adapter DIR [--merge-adapter | --compare-merged]] [--json] [--quiet]
           paligemma bench --cold-start --model DIR [--binary PATH] [--runs N] [--image FILE] [--prompt TEXT] [--tokenizer FILE] [--no-first-token] [--json] [--quiet]
           paligemma quantize --model DIR --to q8|nf4 --out DIR [--quiet]
           paligemma eval-quant --model DIR --image FILE (--dtype q8|nf4 | --quantized DIR) [--prompt TEXT] [--new-tokens N] [--tokenizer FILE]
@@ -36,7 +38,7 @@ public static class Program
           --seed S               sampling seed (default 0)
           --tokenizer FILE       tokenizer.model to use instead of the one in the model folder
           --adapter DIR          PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors), applied at run time
-          --merge-adapter        merge the --adapter into the weights at load instead (fp32 copies of the adapted matrices)
+          --merge-adapter        merge the --adapter into the weights at load instead (copies of the adapted matrices in the weights' dtype)
           --dtype q8|nf4         quantize the Linear weights at load (embedding / LM head: q8); quantized folders load as stored
           --json                 print one JSON object: text, ids and timings
           --logits-out FILE.npy  write every generated step's logits as float32 [steps, vocab]
@@ -69,9 +71,15 @@ public static class Program
         --max-request-bytes 20971520, --shutdown-timeout 30 (seconds to finish in-flight requests on SIGTERM / Ctrl-C).
 
         synth writes a random-weight checkpoint (config.json copied, tokenizer.model, safetensors shards + index) for benchmarks.
+        synth-adapter writes a random PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) for the model's config:
+        lora_A/lora_B for every dense layer the --targets select (default q,k,v,o,gate,up,down; as in PEFT, q/k/v also
+        select SigLIP's attention), B non-zero so that the adapter changes outputs.
         bench times preprocess, vision, prefill and decode (medians over --runs; default 3 runs, 32 new tokens, greedy,
         never stopping at <eos>), the weight GB/s decode streams, peak RSS, bytes allocated per decode token and a
-        memory read probe (--probe-mb, default 1024; 0 skips it). bench --dtype q8|nf4 quantizes at load.
+        memory read probe (--probe-mb, default 1024; 0 skips it). bench --dtype q8|nf4 quantizes at load. --adapter DIR runs
+        with a LoRA adapter at run time (or merged at load with --merge-adapter) and adds the adapter's size and the resident
+        memory it added; --compare-merged also loads the merged model and alternates its decode steps with the run-time
+        adapter's, for a ratio that holds on a busy machine.
         bench --cold-start starts --binary (default: this paligemma) --runs times (default 5); each process loads the model,
         computes the first greedy token and exits. Medians of process start -> model ready, start -> first token and peak RSS.
         quantize writes one model.safetensors with q8 or nf4 blocks (see README, "Quantized weights"), copies config.json and
@@ -109,6 +117,7 @@ public static class Program
                 ColdStartCommand.ProbeCommand => ColdStartCommand.Probe(args[1..]),
                 "quantize" => QuantizeCommand.Run(args[1..]),
                 "eval-quant" => EvalQuantCommand.Run(args[1..]),
+                "synth-adapter" => SynthAdapterCommand.Run(args[1..]),
                 _ => throw new UsageException($"unknown command '{args[0]}'"),
             };
         }

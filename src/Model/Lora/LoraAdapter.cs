@@ -113,14 +113,14 @@ public sealed class LoraAdapter
                 throw new InvalidDataException($"'{weightsPath}': tensor '{prefix}{(pair.A is null ? SuffixA : SuffixB)}' is missing; target_modules selects '{name}'");
             var (rank, alpha) = config.RankAndAlphaFor(name);
             var a = Read(file, pair.A, [rank, linear.InFeatures], weightsPath, rank);
-            var b = Read(file, pair.B, [linear.OutFeatures, rank], weightsPath, rank);
+            var b = Read(file, pair.B, [linear.OutFeatures, rank], weightsPath, rank, transpose: true);
             modules.Add(new LoraModule(classic, linear, a, b, rank, config.Scaling(rank, alpha)));
         }
         modules.Sort((x, y) => x.Target.AdapterSlot.CompareTo(y.Target.AdapterSlot));
         return new LoraAdapter(directory, config, layout.Value, baseModel, [.. modules]);
     }
 
-    /// <summary>Writes W + scaling·B·A into private fp32 copies of the adapted weights of <paramref name="model"/>; only while loading it.</summary>
+    /// <summary>Writes W + scaling·B·A into private copies (in the base weights' dtype) of the adapted weights of <paramref name="model"/>; only while loading it.</summary>
     internal void MergeInto(PaliGemmaModel model)
     {
         if (!ReferenceEquals(model, BaseModel)) throw new ArgumentException("the adapter was loaded for another model", nameof(model));
@@ -169,7 +169,8 @@ public sealed class LoraAdapter
         _ => "not a dense (Linear) layer, so LoRA cannot adapt it",
     };
 
-    private static float[] Read(SafetensorsFile file, string name, long[] expectedShape, string path, int rank)
+    /// <summary>A [rank, in] as stored, or with <paramref name="transpose"/> B [out, rank] as [rank, out]; pinned fp32 either way.</summary>
+    private static unsafe float[] Read(SafetensorsFile file, string name, long[] expectedShape, string path, int rank, bool transpose = false)
     {
         var tensor = file.Get(name);
         if (!tensor.Shape.AsSpan().SequenceEqual(expectedShape))
@@ -177,9 +178,22 @@ public sealed class LoraAdapter
                 $"'{path}': tensor '{name}' has shape {tensor.ShapeText} but the base layer and r = {rank} (from {LoraConfig.FileName}) need {TensorData.FormatShape(expectedShape)}");
         if (!tensor.DType.IsKernelFloat())
             throw new InvalidDataException($"'{path}': tensor '{name}' has dtype {tensor.DType.ToHeaderName()}; LoRA weights must be F32, BF16 or F16");
-        float[] values = tensor.ToFloatArray();
-        float[] pinned = GC.AllocateUninitializedArray<float>(values.Length, pinned: true);
-        values.CopyTo(pinned, 0);
+        // Widened straight into the pinned array (through one pooled row when transposing): no second copy on the heap.
+        int rows = (int)expectedShape[0], cols = (int)expectedShape[1];
+        float[] pinned = GC.AllocateUninitializedArray<float>(checked(rows * cols), pinned: true);
+        if (!transpose)
+        {
+            LoraModule.Widen(tensor.Pointer, tensor.DType, pinned);
+            return pinned;
+        }
+        float[] row = System.Buffers.ArrayPool<float>.Shared.Rent(cols);
+        int elementSize = tensor.DType.SizeOf();
+        for (int n = 0; n < rows; n++)
+        {
+            LoraModule.Widen(tensor.Pointer + (nint)n * cols * elementSize, tensor.DType, row.AsSpan(0, cols));
+            for (int j = 0; j < cols; j++) pinned[j * rows + n] = row[j];
+        }
+        System.Buffers.ArrayPool<float>.Shared.Return(row);
         return pinned;
     }
 }

@@ -197,8 +197,11 @@ public static class SyntheticTensorData
         rng.State = (s0, s1, s2, s3);
     }
 
-    /// <summary>fp32 → bf16 with round-to-nearest-even (the values here are always finite).</summary>
-    private static void ToBFloat16(ReadOnlySpan<float> source, Span<ushort> destination)
+    /// <summary>
+    /// fp32 → bf16 with round-to-nearest-even, as torch's <c>.to(torch.bfloat16)</c> for finite values (and quiet NaNs
+    /// without a full payload); also used to store LoRA-merged bf16 weights.
+    /// </summary>
+    internal static void ToBFloat16(ReadOnlySpan<float> source, Span<ushort> destination)
     {
         var one = Vector256.Create(1u);
         var bias = Vector256.Create(0x7FFFu);

@@ -135,32 +135,16 @@ public sealed class LoraGoldenTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public unsafe void A_bf16_base_merges_into_fp32_copies_and_agrees_with_the_runtime_adapter()
+    public void A_bf16_base_merges_into_bf16_weights_rounded_from_the_fp32_sum()
     {
         string bf16 = Path.Combine(LoraGoldenData.BaseDirectory, "bf16");
         string tokenizer = Path.Combine(LoraGoldenData.BaseDirectory, "tokenizer.model");
         using var merged = PaliGemmaModel.Load(bf16, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, MergeAdapterDirectory = LoraGoldenData.AdapterDirectory("lora") });
-        using var baseModel = PaliGemmaModel.Load(bf16, tokenizer);
-        using var bf16Weights = SafetensorsCheckpoint.Open(bf16);
-        foreach (var module in merged.MergedAdapter!.Modules)
-        {
-            // W' = widen(W_bf16) + scaling·B·A: the delta is the same as for the fp32 base, so compare deltas.
-            var layer = module.Layer;
-            Assert.Equal(DType.F32, layer.Weight.DType);
-            var actual = new ReadOnlySpan<float>(layer.Weight.Data, layer.Weight.Rows * layer.Weight.Cols).ToArray();
-            float[] w = bf16Weights.Get(module.Name + ".weight").ToFloatArray();
-            float[] expectedDelta = new float[w.Length];
-            for (int n = 0; n < module.OutFeatures; n++)
-            for (int k = 0; k < module.InFeatures; k++)
-            {
-                double sum = 0;
-                for (int j = 0; j < module.Rank; j++) sum += (double)module.B[n * module.Rank + j] * module.A[j * module.InFeatures + k];
-                expectedDelta[n * module.InFeatures + k] = (float)(sum * module.Scaling);
-            }
-            for (int i = 0; i < w.Length; i++) actual[i] -= w[i];
-            Compare.Close("lora_merged_weights", $"bf16 merged {module.Name} delta", actual, expectedDelta);
-        }
+        CheckMergedInBaseDType(merged, bf16, DType.BF16);
 
+        // Merged and run time differ only by the bf16 rounding of W + s·B·A: the same tokens, and the merged logits are
+        // much nearer the run-time ones than the base model's are (the adapter's effect survives the rounding).
+        using var baseModel = PaliGemmaModel.Load(bf16, tokenizer);
         const string sample = "s1_caption";
         var options = new GenerationOptions { MaxNewTokens = LoraGoldenData.MaxNewTokens(sample), KeepStepLogits = true };
         float[] pixels = LoraGoldenData.PixelValues(sample);
@@ -168,10 +152,73 @@ public sealed class LoraGoldenTests(ITestOutputHelper output)
         var fromMerged = new PaliGemmaGenerator(merged).GenerateFromIds(pixels, [ids], options)[0];
         var fromRuntime = new PaliGemmaGenerator(baseModel).GenerateFromIds(pixels, [ids],
             options with { Adapter = baseModel.LoadAdapter(LoraGoldenData.AdapterDirectory("lora")) })[0];
+        var fromBase = new PaliGemmaGenerator(baseModel).GenerateFromIds(pixels, [ids], options)[0];
         Assert.Equal(fromRuntime.GeneratedIds, fromMerged.GeneratedIds);
-        // The merged fp32 weights are not rounded back to bf16, so both modes compute the same sums up to fp32 rounding.
-        for (int s = 0; s < fromRuntime.StepLogits!.Count; s++)
-            Compare.Close("lora_merged_vs_runtime", $"bf16 {sample} step {s}", fromMerged.StepLogits![s], fromRuntime.StepLogits[s]);
+        double mergedGap = Compare.MaxRatio(fromMerged.StepLogits![0], fromRuntime.StepLogits![0]);
+        double adapterEffect = Compare.MaxRatio(fromBase.StepLogits![0], fromRuntime.StepLogits[0]);
+        output.WriteLine($"bf16 first-step logits: merged vs run time {mergedGap:E3}, base vs run time {adapterEffect:E3}");
+        Assert.True(mergedGap < 0.1 * adapterEffect, $"merged vs run time {mergedGap:E3} is not much below the adapter's effect {adapterEffect:E3}");
+    }
+
+    [Fact]
+    public void An_f16_base_merges_into_f16_weights_rounded_from_the_fp32_sum()
+    {
+        // A synthetic f16 checkpoint with tiny-mqa-56's shapes, so the golden adapter fits it.
+        string dir = Path.Combine(Path.GetTempPath(), "paligemma-lora-f16-" + Guid.NewGuid().ToString("N"));
+        try
+        {
+            PaliGemma.CpuOnly.Model.Synthesis.SyntheticCheckpoint.Write(Path.Combine(LoraGoldenData.BaseDirectory, "config.json"), dir,
+                new PaliGemma.CpuOnly.Model.Synthesis.SyntheticCheckpointOptions { DType = DType.F16, Seed = 3 });
+            using var merged = PaliGemmaModel.Load(dir, new PaliGemmaLoadOptions { MergeAdapterDirectory = LoraGoldenData.AdapterDirectory("lora") });
+            CheckMergedInBaseDType(merged, dir, DType.F16);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    /// <summary>
+    /// Every merged weight is stored in <paramref name="dtype"/> and equals, bit for bit, round(W + s·(B·A)) computed in
+    /// fp32 as PEFT does (the product summed over the rank in order, scaled, added to the widened W).
+    /// </summary>
+    private static unsafe void CheckMergedInBaseDType(PaliGemmaModel merged, string baseDirectory, DType dtype)
+    {
+        using var baseWeights = SafetensorsCheckpoint.Open(baseDirectory);
+        int changed = 0, total = 0;
+        foreach (var module in merged.MergedAdapter!.Modules)
+        {
+            var layer = module.Layer;
+            Assert.True(layer.HasMergedWeight, module.Name);
+            Assert.Equal(dtype, layer.Weight.DType);
+            var stored = baseWeights.Get(module.Name + ".weight");
+            Assert.Equal(dtype, stored.DType);
+            float[] w = stored.ToFloatArray();
+            int rows = module.OutFeatures, cols = module.InFeatures, rank = module.Rank;
+            var actual = new ReadOnlySpan<ushort>(layer.Weight.Data, rows * cols);
+            var baseBits = new ReadOnlySpan<ushort>(stored.Pointer, rows * cols);
+            for (int n = 0; n < rows; n++)
+            for (int k = 0; k < cols; k++)
+            {
+                float delta = 0;
+                for (int j = 0; j < rank; j++) delta = module.A[j * cols + k] * module.BTransposed[j * rows + n] + delta;
+                float sum = w[n * cols + k] + delta * module.Scaling;
+                ushort expected = dtype == DType.BF16 ? RoundToBFloat16(sum) : BitConverter.HalfToUInt16Bits((Half)sum);
+                int i = n * cols + k;
+                if (actual[i] != expected)
+                    Assert.Fail($"{module.Name}[{n}, {k}]: merged 0x{actual[i]:X4}, expected 0x{expected:X4} (fp32 sum {sum:R}, base 0x{baseBits[i]:X4})");
+                if (actual[i] != baseBits[i]) changed++;
+                total++;
+            }
+        }
+        // The adapter is not lost to rounding: most weights change.
+        Assert.True(changed > total / 2, $"only {changed} of {total} merged weights differ from the base");
+    }
+
+    private static ushort RoundToBFloat16(float value)
+    {
+        uint bits = BitConverter.SingleToUInt32Bits(value);
+        return (ushort)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
     }
 
     [Theory]

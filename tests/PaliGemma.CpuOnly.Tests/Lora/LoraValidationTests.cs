@@ -235,7 +235,10 @@ public sealed class LoraValidationTests
         var module = loaded.Modules.Single(m => m.Name == "language_model.model.layers.0.self_attn.q_proj");
         Assert.Equal(DType.BF16, file.Get(TextQ0 + ".lora_A.weight").DType);
         Assert.Equal(file.Get(TextQ0 + ".lora_A.weight").ToFloatArray(), module.A.ToArray());
-        Assert.Equal(file.Get(TextQ0 + ".lora_B.weight").ToFloatArray(), module.B.ToArray());
+        // B is kept transposed ([rank, out]): element [n, j] of the file's [out, rank] tensor is at j·out + n.
+        float[] b = file.Get(TextQ0 + ".lora_B.weight").ToFloatArray();
+        int rank = module.Rank, outFeatures = module.OutFeatures;
+        Assert.Equal(Enumerable.Range(0, b.Length).Select(i => b[i % outFeatures * rank + i / outFeatures]), module.BTransposed.ToArray());
     }
 
     private static float[] PrefixLogits(LoraAdapter adapter)
