@@ -17,7 +17,7 @@ public static class Program
           paligemma ocr      --model DIR --image FILE [task options]
           paligemma decode-output --text RAW (--width W --height H | --annotate-image FILE --out OUT.png) [--vae FILE] [--json]
           paligemma batch    --model DIR --input FILE.jsonl [--output FILE.jsonl] [--vae FILE] [--max-new-tokens N] [--quiet]
-          paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
+          paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16|q8|nf4] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
           paligemma serve    --model DIR [--urls http://127.0.0.1:8080] [--max-concurrency N] [--max-queue Q] [--max-request-bytes B] [--vae FILE] [--shutdown-timeout S] [--quiet]
           paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--dtype q8|nf4] [--json] [--quiet]
           paligemma bench --cold-start --model DIR [--binary PATH] [--runs N] [--image FILE] [--prompt TEXT] [--tokenizer FILE] [--no-first-token] [--json] [--quiet]
@@ -68,7 +68,7 @@ public static class Program
         interfaces) or 127.0.0.1:8080. Defaults: --max-concurrency 1, --max-queue 16 (more get 503 + Retry-After),
         --max-request-bytes 20971520, --shutdown-timeout 30 (seconds to finish in-flight requests on SIGTERM / Ctrl-C).
 
-        synth writes a random-weight checkpoint (config.json copied, tokenizer.model, safetensors shards + index) for benchmarks.
+        synth writes a random-weight checkpoint (config.json copied, tokenizer.model, safetensors shards + index) for benchmarks; --dtype q8|nf4 writes the quantized layout of `quantize` directly, streaming.
         bench times preprocess, vision, prefill and decode (medians over --runs; default 3 runs, 32 new tokens, greedy,
         never stopping at <eos>), the weight GB/s decode streams, peak RSS, bytes allocated per decode token and a
         memory read probe (--probe-mb, default 1024; 0 skips it). bench --dtype q8|nf4 quantizes at load.
