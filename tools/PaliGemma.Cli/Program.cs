@@ -17,7 +17,7 @@ public static class Program
           paligemma ocr      --model DIR --image FILE [task options]
           paligemma decode-output --text RAW (--width W --height H | --annotate-image FILE --out OUT.png) [--vae FILE] [--json]
           paligemma batch    --model DIR --input FILE.jsonl [--output FILE.jsonl] [--vae FILE] [--max-new-tokens N] [--quiet]
-          paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
+          paligemma synth    --config FILE --out DIR [--dtype bf16|f32|f16|q8|nf4] [--seed N] [--shard-size 2GB] [--vocab-tokenizer FILE] [--force] [--quiet]
           paligemma serve    --model DIR [--urls http://127.0.0.1:8080] [--max-concurrency N] [--max-queue Q] [--max-request-bytes B] [--vae FILE] [--shutdown-timeout S] [--quiet]
           paligemma synth-adapter --model DIR --out DIR [--rank 8] [--alpha 16] [--targets q_proj,k_proj,...] [--seed N] [--dtype f32|bf16|f16] [--force] [--quiet]
           paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--dtype q8|nf4]
@@ -70,7 +70,8 @@ public static class Program
         interfaces) or 127.0.0.1:8080. Defaults: --max-concurrency 1, --max-queue 16 (more get 503 + Retry-After),
         --max-request-bytes 20971520, --shutdown-timeout 30 (seconds to finish in-flight requests on SIGTERM / Ctrl-C).
 
-        synth writes a random-weight checkpoint (config.json copied, tokenizer.model, safetensors shards + index) for benchmarks.
+        synth writes a random-weight checkpoint (config.json copied, tokenizer.model, safetensors shards + index) for benchmarks;
+        --dtype q8|nf4 writes the quantized layout of `quantize` directly, streaming.
         synth-adapter writes a random PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) for the model's config:
         lora_A/lora_B for every dense layer the --targets select (default q,k,v,o,gate,up,down; as in PEFT, q/k/v also
         select SigLIP's attention), B non-zero so that the adapter changes outputs.

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using PaliGemma.CpuOnly.Model.Synthesis;
+using PaliGemma.CpuOnly.Quant;
 using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.Cli;
@@ -15,14 +16,17 @@ public static class SynthCommand
         var a = new ParsedArguments(args, Flags);
         string configPath = a.Required("config");
         string outDir = a.Required("out");
-        DType dtype = ParseDType(a.Optional("dtype") ?? "bf16");
+        string dtypeText = a.Optional("dtype") ?? "bf16";
+        // q8 / nf4: the quantized layout of `paligemma quantize`, written directly (the other tensors stay bf16).
+        QuantFormat? quantization = QuantFormats.Parse(dtypeText);
+        DType dtype = quantization is null ? ParseDType(dtypeText) : DType.BF16;
         ulong seed = a.ULong("seed", 0);
         long shardBytes = ParseByteSize("shard-size", a.Optional("shard-size") ?? "2GB");
         string? tokenizer = a.Optional("vocab-tokenizer");
         bool force = a.Flag("force"), quiet = a.Flag("quiet");
         a.RejectUnknown();
 
-        var options = new SyntheticCheckpointOptions { DType = dtype, Seed = seed, MaxShardBytes = shardBytes, TokenizerPath = tokenizer, Overwrite = force };
+        var options = new SyntheticCheckpointOptions { DType = dtype, Seed = seed, MaxShardBytes = shardBytes, TokenizerPath = tokenizer, Overwrite = force, Quantization = quantization };
         var lastReport = Stopwatch.StartNew();
         var stderr = Console.Error;
         void Report(SynthesisProgress p)
@@ -35,7 +39,7 @@ public static class SynthCommand
                 $"[synth] {p.BytesWritten / 1e9:F2}/{p.TotalBytes / 1e9:F2} GB ({100.0 * p.BytesWritten / Math.Max(p.TotalBytes, 1):F0}%), {rate / 1e6:F0} MB/s, ETA {eta:F0} s"));
         }
 
-        if (!quiet) stderr.WriteLine($"[synth] {configPath} -> {outDir} ({dtype.ToHeaderName()}, seed {seed}, shards up to {FormatBytes(shardBytes)})");
+        if (!quiet) stderr.WriteLine($"[synth] {configPath} -> {outDir} ({quantization?.Name() ?? dtype.ToHeaderName()}, seed {seed}, shards up to {FormatBytes(shardBytes)})");
         var result = SyntheticCheckpoint.Write(configPath, outDir, options, Report);
         double mbPerSecond = result.TensorBytes / Math.Max(result.Elapsed.TotalSeconds, 1e-9) / 1e6;
         Console.Out.WriteLine(string.Create(CultureInfo.InvariantCulture,
@@ -56,7 +60,7 @@ public static class SynthCommand
         "bf16" or "bfloat16" => DType.BF16,
         "f32" or "fp32" or "float32" => DType.F32,
         "f16" or "fp16" or "float16" => DType.F16,
-        _ => throw new UsageException($"--dtype must be bf16, f32 or f16, got '{text}'"),
+        _ => throw new UsageException($"--dtype must be bf16, f32, f16, q8 or nf4, got '{text}'"),
     };
 
     /// <summary>"2GB", "500MB", "1GiB", "123456" (bytes): decimal units as Hugging Face's max_shard_size, binary ones with "i".</summary>

@@ -16,6 +16,12 @@ public sealed record SyntheticCheckpointOptions
     public string? TokenizerPath { get; init; }
     /// <summary>Replace the checkpoint files already in the output folder instead of failing.</summary>
     public bool Overwrite { get; init; }
+    /// <summary>
+    /// Write the quantized layout of <see cref="Quant.QuantizedCheckpoint"/> directly (one model.safetensors; Linear weights in
+    /// this format, the embedding in q8, the rest in <see cref="DType"/>), quantizing each band of rows as it is drawn.
+    /// Null (default): a float checkpoint.
+    /// </summary>
+    public Quant.QuantFormat? Quantization { get; init; }
 }
 
 /// <summary>Bytes of tensor data written so far out of the total.</summary>
@@ -92,6 +98,17 @@ public static class SyntheticCheckpoint
         ClearOldCheckpoint(directory, options.Overwrite);
 
         var tensors = PaliGemmaTensorPlan.For(config);
+        if (options.Quantization is { } format)
+        {
+            long quantizedTotal = QuantizedSynthesis.TotalBytes(tensors, format, options.DType);
+            long done = 0;
+            string single = Path.Combine(directory, SafetensorsCheckpoint.SingleFileName);
+            QuantizedSynthesis.Write(tensors, single, format, options,
+                bytes => progress?.Invoke(new SynthesisProgress(done += bytes, quantizedTotal, clock.Elapsed)), cancellationToken);
+            File.WriteAllBytes(Path.Combine(directory, TokenizerFileName), tokenizerModel);
+            File.WriteAllBytes(Path.Combine(directory, ConfigFileName), configJson);
+            return new SyntheticCheckpointResult(directory, [single], tensors.Count, quantizedTotal, clock.Elapsed);
+        }
         var shards = Shard(tensors, options.DType, options.MaxShardBytes);
         long totalBytes = tensors.Sum(t => t.ByteLength(options.DType));
         long written = 0;
