@@ -23,15 +23,5 @@ internal static class Pg2Golden
     }
 
     /// <summary>Each row's prompt ids without the left padding.</summary>
-    public static int[][] PromptRows(GoldenSample sample)
-    {
-        var ids = sample.Npy("input_ids");
-        long[] mask = sample.Npy("attention_mask").ToInt64();
-        long[] flat = ids.ToInt64();
-        int batch = (int)ids.Shape[0], tokens = (int)ids.Shape[1];
-        var rows = new int[batch][];
-        for (int b = 0; b < batch; b++)
-            rows[b] = Enumerable.Range(0, tokens).Where(t => mask[b * tokens + t] != 0).Select(t => (int)flat[b * tokens + t]).ToArray();
-        return rows;
-    }
+    public static int[][] PromptRows(GoldenSample sample) => GoldenChecks.PromptRows(sample);
 }

@@ -16,58 +16,16 @@ public sealed class Pg2GoldenModelTests(ITestOutputHelper output)
 
     [Theory]
     [MemberData(nameof(GenerationSamples))]
-    public void Vision_tower_and_projector_match_the_reference(string caseName, string sampleName)
-    {
-        var sample = Pg2Golden.Sample(caseName, sampleName);
-        var model = Pg2Golden.Model(caseName);
-        var trace = new VisionTrace();
-        var features = model.EncodeImages(sample.Floats("pixel_values"), sample.Images.Length, trace);
-        Report("vision_last_hidden_state", Compare.Close("pg2_vision_last_hidden_state", $"{sample} vision", trace.LastHiddenState, sample.Floats("vision_last_hidden_state")));
-        Report("projector_output", Compare.Close("pg2_projector_output_unscaled", $"{sample} projector", trace.ProjectorOutput, sample.Floats("projector_output_unscaled")));
-        Report("image_features_scaled", Compare.Close("pg2_image_features_scaled", $"{sample} features", features, sample.Floats("image_features_scaled")));
-    }
+    public void Vision_tower_and_projector_match_the_reference(string caseName, string sampleName) =>
+        GoldenChecks.Vision(Pg2Golden.Sample(caseName, sampleName), Pg2Golden.Model(caseName), "pg2_", Report);
 
     [Theory]
     [MemberData(nameof(GenerationSamples))]
     public void Decoder_states_and_prefix_logits_match_the_reference(string caseName, string sampleName)
     {
-        var sample = Pg2Golden.Sample(caseName, sampleName);
         var model = Pg2Golden.Model(caseName);
         Assert.True(model.Config.Text.IsGemma2);
-        var idsArray = sample.Npy("input_ids");
-        int batch = (int)idsArray.Shape[0], tokens = (int)idsArray.Shape[1], h = model.Config.Text.HiddenSize, vocab = model.Decoder.VocabSize;
-        int[] ids = idsArray.ToInt64().Select(x => (int)x).ToArray();
-        byte[] mask = sample.Npy("attention_mask").ToInt64().Select(x => (byte)x).ToArray();
-        var features = model.EncodeImages(sample.Floats("pixel_values"), batch);
-
-        // The reference's forward pass uses positions 1..L for every row (padding not accounted).
-        int[] positions = new int[batch * tokens];
-        for (int i = 0; i < positions.Length; i++) positions[i] = i % tokens + 1;
-        var states = new float[model.Config.Text.NumHiddenLayers + 1][];
-        var session = new PaliGemmaSession(model, batch, tokens);
-        var logits = new float[batch * tokens * vocab];
-        session.Prefill(ids, mask, tokens, features, logits, new PrefillOptions
-        {
-            Positions = positions,
-            AllLogits = true,
-            Observer = (index, s) => states[index] = s.ToArray(),
-        });
-
-        var expectedStates = sample.Floats("decoder_hidden_states");
-        int layerSize = batch * tokens * h;
-        for (int l = 0; l < states.Length; l++)
-            Report($"hidden[{l}]", Compare.Close("pg2_decoder_hidden_states", $"{sample} hidden state {l}", states[l], expectedStates.AsSpan(l * layerSize, layerSize)));
-        Report("prefix_logits", Compare.Close("pg2_prefix_logits", $"{sample} prefix logits", logits, sample.Floats("prefix_logits")));
-
-        if (sample.HasFile("prefix_logits_generate_positions"))
-        {
-            // generate()'s own positions (cumsum of the mask), which the session computes itself; pad rows are never read.
-            var generateSession = new PaliGemmaSession(model, batch, tokens);
-            var generateLogits = new float[batch * tokens * vocab];
-            generateSession.Prefill(ids, mask, tokens, features, generateLogits, new PrefillOptions { AllLogits = true });
-            Report("prefix_logits_generate_positions", Compare.Close("pg2_prefix_logits", $"{sample} prefix logits (generate positions)",
-                RealRows(generateLogits, mask, vocab), RealRows(sample.Floats("prefix_logits_generate_positions"), mask, vocab)));
-        }
+        GoldenChecks.DecoderStatesAndPrefixLogits(Pg2Golden.Sample(caseName, sampleName), model, "pg2_", Report);
     }
 
     /// <summary>
@@ -101,10 +59,6 @@ public sealed class Pg2GoldenModelTests(ITestOutputHelper output)
         // The sliding masks really drop keys in every sample (the window is smaller than the prompt).
         Assert.True(sample.Json.GetProperty("sliding_window_masked_entries_in_prefix").GetInt32() > 0);
     }
-
-    /// <summary>Logit rows of real tokens only: pad rows are never read by generation.</summary>
-    private static float[] RealRows(float[] logits, byte[] mask, int vocab) =>
-        Enumerable.Range(0, mask.Length).Where(i => mask[i] != 0).SelectMany(i => logits.AsSpan(i * vocab, vocab).ToArray()).ToArray();
 
     [Theory]
     [MemberData(nameof(GenerationSamples))]
