@@ -1,4 +1,6 @@
+using PaliGemma.CpuOnly.Tensors;
 using PaliGemma.CpuOnly.Model;
+using PaliGemma.CpuOnly.Model.Imaging;
 
 namespace PaliGemma.CpuOnly.Tests.Golden;
 
@@ -78,6 +80,61 @@ internal static class GoldenChecks
             report("prefix_logits_generate_positions", Compare.Close(kindPrefix + "prefix_logits", $"{sample} prefix logits (generate positions)",
                 RealRows(generateLogits, mask, vocab), RealRows(sample.Floats("prefix_logits_generate_positions"), mask, vocab)));
         }
+    }
+
+    /// <summary>End to end from the image files and prompt texts: prompt ids, greedy ids and decoded text as the reference.</summary>
+    public static void GenerationFromFiles(GoldenSample sample, PaliGemmaModel model)
+    {
+        var requests = sample.Images.Zip(sample.Prompts, (image, prompt) =>
+            new GenerationRequest(ImageLoader.Load(Path.Combine(sample.CaseDirectory, image)), prompt)).ToList();
+        var results = new PaliGemmaGenerator(model).GenerateBatch(requests, new GenerationOptions { MaxNewTokens = sample.MaxNewTokens });
+        var expected = sample.Npy("generated_ids");
+        int steps = (int)expected.Shape[1];
+        long[] flat = expected.ToInt64();
+        var promptRows = PromptRows(sample);
+        for (int b = 0; b < results.Count; b++)
+        {
+            Assert.Equal(promptRows[b], results[b].PromptIds);
+            Assert.Equal(flat.Skip(b * steps).Take(steps).Select(x => (int)x), results[b].GeneratedIds);
+            Assert.Equal(sample.Json.GetProperty("generated_text")[b].GetString(), results[b].Text);
+        }
+    }
+
+    /// <summary>
+    /// The bf16 copy (BF16 weights, fp32 math) against the reference that ran the same weights upcast to fp32: prefix logits,
+    /// greedy ids and step logits at the golden bound.
+    /// </summary>
+    public static void Bf16Upcast(System.Text.Json.JsonElement caseJson, GoldenSample sample, PaliGemmaModel bf16Model, string kindPrefix)
+    {
+        var reference = caseJson.GetProperty("bf16_weights_upcast_to_f32_references").GetProperty("samples")
+            .EnumerateArray().Single(s => s.GetProperty("sample").GetString() == sample.Name);
+        Assert.Equal(DType.BF16, bf16Model.Decoder.EmbeddingDType);
+        string dir = sample.CaseDirectory;
+
+        int[] ids = sample.Npy("input_ids").ToInt64().Select(x => (int)x).ToArray();
+        var features = bf16Model.EncodeImages(sample.Floats("pixel_values"), 1);
+        var logits = new float[ids.Length * bf16Model.Decoder.VocabSize];
+        new PaliGemmaSession(bf16Model, 1, ids.Length).Prefill(ids, default, ids.Length, features, logits, new PrefillOptions { AllLogits = true });
+        Compare.Close(kindPrefix + "bf16up_prefix_logits", $"bf16 {sample} prefix logits", logits,
+            Npy.Read(Path.Combine(dir, reference.GetProperty("prefix_logits").GetString()!)).ToFloat32());
+
+        var results = new PaliGemmaGenerator(bf16Model).GenerateFromIds(sample.Floats("pixel_values"), [ids],
+            new GenerationOptions { MaxNewTokens = sample.MaxNewTokens, KeepStepLogits = true });
+        GoldenModelTests.CheckGeneration($"bf16 {sample}", results,
+            Path.Combine(dir, reference.GetProperty("generated_ids").GetString()!),
+            Path.Combine(dir, reference.GetProperty("step_logits").GetString()!), kindPrefix + "bf16up_step_logits");
+    }
+
+    /// <summary>The sharded copy generates bit-identical step logits and the same ids as the single file.</summary>
+    public static GenerationResult ShardedEqualsSingle(GoldenSample sample, PaliGemmaModel single, PaliGemmaModel sharded)
+    {
+        var options = new GenerationOptions { MaxNewTokens = sample.MaxNewTokens, KeepStepLogits = true };
+        int[] ids = sample.Npy("input_ids").ToInt64().Select(x => (int)x).ToArray();
+        var a = new PaliGemmaGenerator(single).GenerateFromIds(sample.Floats("pixel_values"), [ids], options)[0];
+        var b = new PaliGemmaGenerator(sharded).GenerateFromIds(sample.Floats("pixel_values"), [ids], options)[0];
+        Assert.Equal(a.GeneratedIds, b.GeneratedIds);
+        for (int s = 0; s < a.StepLogits!.Count; s++) Assert.Equal(a.StepLogits[s], b.StepLogits![s]);
+        return b;
     }
 
     /// <summary>Logit rows of real tokens only: pad rows are never read by generation.</summary>
