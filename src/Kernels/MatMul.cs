@@ -44,6 +44,20 @@ public static unsafe class MatMul
         Multiply(x, rows, w, bias, y, SimdWidths.Best.FitTo(w.Cols), outputSoftCap);
     }
 
+    /// <summary>
+    /// Validates the operands of y[rows, n] = x[rows, k]·Wᵀ + bias, shared by every weight format (fp32/bf16/f16 here,
+    /// q8/nf4 in the Quant library): x and y may be longer than needed, bias is empty or exactly n.
+    /// </summary>
+    public static void CheckOperands(ReadOnlySpan<float> x, int rows, int n, int k, ReadOnlySpan<float> bias, ReadOnlySpan<float> y)
+    {
+        if (x.Length < (long)rows * k)
+            throw new ArgumentException($"x holds {x.Length} floats; {rows} rows of K = {k} need {(long)rows * k}", nameof(x));
+        if (!bias.IsEmpty && bias.Length != n)
+            throw new ArgumentException($"bias holds {bias.Length} floats; it must be empty or N = {n}", nameof(bias));
+        if (y.Length < (long)rows * n)
+            throw new ArgumentException($"y holds {y.Length} floats; {rows} rows of N = {n} need {(long)rows * n}", nameof(y));
+    }
+
     /// <summary>As the public overload, with the vector width chosen by the caller (tests run every width).</summary>
     internal static void Multiply(ReadOnlySpan<float> x, int rows, in WeightMatrix w, ReadOnlySpan<float> bias, Span<float> y, SimdWidth width, float outputSoftCap = 0f)
     {
@@ -51,12 +65,7 @@ public static unsafe class MatMul
             throw new ArgumentException("the weight matrix is uninitialised (default WeightMatrix)", nameof(w));
         ArgumentOutOfRangeException.ThrowIfNegative(rows);
         int n = w.Rows, k = w.Cols;
-        if (x.Length < (long)rows * k)
-            throw new ArgumentException($"x holds {x.Length} floats; {rows} rows of K = {k} need {(long)rows * k}", nameof(x));
-        if (!bias.IsEmpty && bias.Length != n)
-            throw new ArgumentException($"bias holds {bias.Length} floats; it must be empty or N = {n}", nameof(bias));
-        if (y.Length < (long)rows * n)
-            throw new ArgumentException($"y holds {y.Length} floats; {rows} rows of N = {n} need {(long)rows * n}", nameof(y));
+        CheckOperands(x, rows, n, k, bias, y);
         if (rows == 0)
             return;
 

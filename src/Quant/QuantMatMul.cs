@@ -42,12 +42,7 @@ public static unsafe class QuantMatMul
         if (!(outputSoftCap >= 0f) || float.IsInfinity(outputSoftCap))
             throw new ArgumentOutOfRangeException(nameof(outputSoftCap), outputSoftCap, "the soft-cap must be 0 (none) or positive and finite");
         int n = w.Rows, k = w.Cols;
-        if (x.Length < (long)rows * k)
-            throw new ArgumentException($"x holds {x.Length} floats; {rows} rows of K = {k} need {(long)rows * k}", nameof(x));
-        if (!bias.IsEmpty && bias.Length != n)
-            throw new ArgumentException($"bias holds {bias.Length} floats; it must be empty or N = {n}", nameof(bias));
-        if (y.Length < (long)rows * n)
-            throw new ArgumentException($"y holds {y.Length} floats; {rows} rows of N = {n} need {(long)rows * n}", nameof(y));
+        MatMul.CheckOperands(x, rows, n, k, bias, y);
         if (rows == 0)
             return;
 
