@@ -34,6 +34,7 @@ public sealed class TokenSampler
     private readonly Random _random;
     private float[] _probabilities = [];
     private int[] _order = [];
+    private double[] _weights = [];
 
     public TokenSampler(SamplingOptions options)
     {
@@ -51,6 +52,7 @@ public sealed class TokenSampler
         {
             _probabilities = new float[n];
             _order = new int[n];
+            _weights = new double[n];
         }
         var p = _probabilities.AsSpan(0, n);
         TensorPrimitives.Divide(logits, _options.Temperature, p);
@@ -58,18 +60,13 @@ public sealed class TokenSampler
         // Candidates sorted by logit, most likely first (ties by id, as a stable sort keeps them).
         var order = _order.AsSpan(0, n);
         for (int i = 0; i < n; i++) order[i] = i;
-        float[] keys = _probabilities;
-        order.Sort((a, b) =>
-        {
-            int c = keys[b].CompareTo(keys[a]);
-            return c != 0 ? c : a.CompareTo(b);
-        });
+        order.Sort(new MostLikelyFirst(_probabilities));
         int kept = _options.TopK > 0 ? Math.Min(_options.TopK, n) : n;
 
         // Softmax over the kept candidates (in double for a stable sum).
         float max = p[order[0]];
         double sum = 0;
-        var weights = new double[kept];
+        var weights = _weights.AsSpan(0, kept);
         for (int i = 0; i < kept; i++) sum += weights[i] = Math.Exp(p[order[i]] - max);
         if (_options.TopP < 1f)
         {
@@ -92,6 +89,16 @@ public sealed class TokenSampler
             if (r < 0) return order[i];
         }
         return order[kept - 1];
+    }
+
+    /// <summary>Orders token ids by descending scaled logit, lower id first on ties; a struct so sorting allocates nothing.</summary>
+    private readonly struct MostLikelyFirst(float[] keys) : IComparer<int>
+    {
+        public int Compare(int a, int b)
+        {
+            int c = keys[b].CompareTo(keys[a]);
+            return c != 0 ? c : a.CompareTo(b);
+        }
     }
 
     /// <summary>Index of the largest logit; the first one on ties, like torch.argmax.</summary>
