@@ -40,9 +40,12 @@ public sealed class CliTests
 
     [Theory]
     [MemberData(nameof(SingleSamples))]
-    public void Generate_json_prints_the_golden_ids(string caseName, string sampleName)
+    public void Generate_json_prints_the_golden_ids(string caseName, string sampleName) =>
+        GenerateJsonMatchesGolden(GoldenData.Sample(caseName, sampleName));
+
+    /// <summary>`generate --json` on one golden sample: prompt ids, generated ids, text and the timing fields.</summary>
+    internal static void GenerateJsonMatchesGolden(GoldenSample sample)
     {
-        var sample = GoldenData.Sample(caseName, sampleName);
         string json = RunJson(sample, []);
         using var doc = JsonDocument.Parse(json);
         var root = doc.RootElement;
