@@ -1,3 +1,4 @@
+using PaliGemma.CpuOnly.Kernels.Backends;
 using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Kernels;
@@ -7,7 +8,7 @@ namespace PaliGemma.CpuOnly.Kernels;
 /// The kernels read it in place (usually memory-mapped checkpoint memory) and widen bf16/f16 in registers;
 /// the matrix is never converted as a whole. The memory must stay valid while the matrix is used.
 /// </summary>
-public readonly unsafe struct WeightMatrix
+public readonly unsafe struct WeightMatrix : IMatrixOperand
 {
     public WeightMatrix(void* data, DType dtype, int rows, int cols)
     {
@@ -57,6 +58,14 @@ public readonly unsafe struct WeightMatrix
     public int Rows { get; }
     /// <summary>K: input features.</summary>
     public int Cols { get; }
+
+    public long StreamedBytes => (long)Rows * Cols * DType.SizeOf();
+
+    public void MultiplyOnHost(ReadOnlySpan<float> x, int rows, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap)
+    {
+        if (outputSoftCap > 0f) MatMul.Multiply(x, rows, this, bias, y, outputSoftCap);
+        else MatMul.Multiply(x, rows, this, bias, y);
+    }
 
     public override string ToString() => $"WeightMatrix({DType}, {Rows} x {Cols})";
 }

@@ -34,6 +34,12 @@ public sealed record PaliGemmaLoadOptions
     /// the stored weights. A checkpoint already quantized must have been quantized to the same format.
     /// </summary>
     public Quant.QuantFormat? QuantizeTo { get; init; }
+
+    /// <summary>
+    /// Where the model computes: null or <see cref="Kernels.Backends.CpuBackend.Instance"/> for the CPU (the default), or a
+    /// device backend (e.g. the ILGPU one, for JIT hosts). Weights are made resident on it once, at load.
+    /// </summary>
+    public Kernels.Backends.IComputeBackend? Backend { get; init; }
 }
 
 /// <summary>

@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using PaliGemma.CpuOnly.Kernels.Backends;
 
 namespace PaliGemma.CpuOnly.Quant;
 
@@ -11,7 +12,7 @@ namespace PaliGemma.CpuOnly.Quant;
 /// low nibble and element j + 32 in its high nibble (so one 16-byte load feeds two 16-lane vectors without shuffles).
 /// The memory is either a mapped checkpoint (kept alive by the caller) or pinned arrays owned by this object.
 /// </summary>
-public sealed unsafe class QuantizedMatrix
+public sealed unsafe class QuantizedMatrix : IMatrixOperand
 {
     // Owned storage (null when the matrix views memory owned by someone else, e.g. a mapped checkpoint).
     private readonly byte[]? _ownedBlocks;
@@ -75,6 +76,9 @@ public sealed unsafe class QuantizedMatrix
     public Span<float> RowScales(int row) => new(Scales + (long)CheckRow(row) * BlocksPerRow, BlocksPerRow);
     public ReadOnlySpan<byte> AllBlocks => new(Blocks, checked((int)BlockByteCount));
     public ReadOnlySpan<float> AllScales => new(Scales, checked((int)ScaleCount));
+
+    public void MultiplyOnHost(ReadOnlySpan<float> x, int rows, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap) =>
+        QuantMatMul.Multiply(x, rows, this, bias, y, outputSoftCap);
 
     /// <summary>Writes the Cols dequantized weights of <paramref name="row"/> into <paramref name="destination"/>.</summary>
     public void DequantizeRow(int row, Span<float> destination) =>
