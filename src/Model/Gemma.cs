@@ -99,7 +99,10 @@ public sealed class GemmaDecoder
     internal void QuantizeEmbedding()
     {
         if (_embedQuantized is null)
+        {
             _embedQuantized = Quantizer.Quantize(_lmHead, QuantFormat.Q8);
+            _lmHeadOperand = null;
+        }
     }
     public int KvWidth => _config.NumKeyValueHeads * _config.HeadDim;
 
@@ -502,7 +505,9 @@ public sealed class GemmaDecoder
         }
     }
 
-    private IMatrixOperand LmHeadOperand => _embedQuantized is not null ? _embedQuantized : _lmHead;
+    // Computed once: the float LM head is a struct, and boxing it per call would allocate on every decode step.
+    private IMatrixOperand LmHeadOperand => _lmHeadOperand ??= _embedQuantized is not null ? _embedQuantized : _lmHead;
+    private IMatrixOperand? _lmHeadOperand;
 
     /// <summary>The backend the decoder computes on (the CPU unless the model was loaded with another).</summary>
     public IComputeBackend Backend => _backend;

@@ -291,6 +291,7 @@ public static class BenchCommand
         // Greedy, ignoring <eos>: a random model may emit it at any step, and every run must decode the same number of tokens.
         int[] next = [TensorPrimitives.IndexOfMax(logits)];
         var stepClock = new Stopwatch();
+        t.DecodeStepSeconds.Capacity = newTokens;   // the timing list must not allocate inside the measured loop
         long allocatedBefore = GC.GetTotalAllocatedBytes(precise: true);
         long threadBefore = GC.GetAllocatedBytesForCurrentThread();
         for (int step = 1; step < newTokens; step++)
