@@ -1,4 +1,3 @@
-using System.Buffers;
 using System.Numerics.Tensors;
 using System.Runtime.Intrinsics;
 using PaliGemma.CpuOnly.Kernels.Simd;
@@ -53,11 +52,19 @@ public static unsafe class Attention
     private const int TargetRows = 64;
     private const int RowBlock = 4;
     private const int ChunkBlock = 4;
+    // Up to this many rows per work item (decode), scores are dot products over K read in place.
+    private const int DotScoreRows = 8;
     private const long ParallelThreshold = 1L << 18;
+    // Smallest key chunk worth a thread of its own when a call has too few work items to go round.
+    private const int MinSplitKeys = 4 * KeyBlock;
 
     public static void Forward(scoped in AttentionProblem problem) => Forward(problem, SimdWidths.Best);
 
-    internal static void Forward(scoped in AttentionProblem problem, SimdWidth width)
+    /// <summary>
+    /// As the public overload, with the vector width chosen by the caller; a positive <paramref name="splitKeys"/>
+    /// forces the split-key path with chunks of that many keys (tests reach it at small sizes).
+    /// </summary>
+    internal static void Forward(scoped in AttentionProblem problem, SimdWidth width, int splitKeys = 0)
     {
         Validate(problem);
         if (problem.Queries == 0)
@@ -82,10 +89,10 @@ public static unsafe class Attention
             };
             switch (width)
             {
-                case SimdWidth.Vector512: Run<Simd512, Vector512<float>>(shape); break;
-                case SimdWidth.Vector256: Run<Simd256, Vector256<float>>(shape); break;
-                case SimdWidth.Vector128: Run<Simd128, Vector128<float>>(shape); break;
-                default: Run<SimdScalar, float>(shape); break;
+                case SimdWidth.Vector512: Run<Simd512, Vector512<float>>(shape, splitKeys); break;
+                case SimdWidth.Vector256: Run<Simd256, Vector256<float>>(shape, splitKeys); break;
+                case SimdWidth.Vector128: Run<Simd128, Vector128<float>>(shape, splitKeys); break;
+                default: Run<SimdScalar, float>(shape, splitKeys); break;
             }
         }
     }
@@ -155,15 +162,90 @@ public static unsafe class Attention
         public float* Output;
     }
 
-    private static void Run<TOps, TVec>(in Shape shape)
+    private static void Run<TOps, TVec>(in Shape shape, int forcedSplitKeys)
         where TOps : struct, ISimdOps<TOps, TVec>
         where TVec : unmanaged
     {
         int group = shape.Heads / shape.KvHeads;
         int queriesPerBlock = Math.Max(1, TargetRows / group);
         int blocks = (shape.Queries + queriesPerBlock - 1) / queriesPerBlock;
+        int items = shape.KvHeads * blocks;
         long work = (long)shape.Queries * shape.Keys * shape.Heads * shape.HeadDim;
-        KernelThreading.For(shape.KvHeads * blocks, work >= ParallelThreshold, new Blocks<TOps, TVec>(shape, queriesPerBlock, blocks));
+        bool parallel = work >= ParallelThreshold;
+        var body = new Blocks<TOps, TVec>(shape, queriesPerBlock, blocks);
+        VisibleKeys(shape, 0, shape.Queries, out int lo, out int hi);
+        int splitKeys = forcedSplitKeys > 0 ? forcedSplitKeys : parallel ? SplitKeys((long)hi - lo, items, KernelThreading.MaxThreads) : 0;
+        if (splitKeys == 0 || lo >= hi)
+        {
+            KernelThreading.For(items, parallel, body);
+            return;
+        }
+
+        // Few work items (decode: one query, one kv head) and many keys: every item's key range is cut into chunks
+        // that run on separate threads, each leaving a partial softmax (max, sum, unnormalised output) to merge here.
+        int splits = (int)(((long)hi - lo + splitKeys - 1) / splitKeys);
+        int slotLength = body.PartialLength;
+        float[] partials = ThreadScratch(ref t_partials, items * splits * slotLength);
+        fixed (float* partial = partials)
+        {
+            KernelThreading.For(items * splits, true, new KeySplits<TOps, TVec>(body, lo, splitKeys, splits, partial));
+            for (int item = 0; item < items; item++)
+                body.Merge(item, partial + (nint)item * splits * slotLength, splits);
+        }
+    }
+
+    /// <summary>Keys per chunk when each work item's key range should be split across threads, else 0.</summary>
+    private static int SplitKeys(long span, int items, int threads)
+    {
+        if (items >= threads)
+            return 0;
+        // Twice as many chunks as threads so that a late thread does not leave the others idle at the end.
+        long wanted = Math.Min(span / MinSplitKeys, (2L * threads + items - 1) / items);
+        if (wanted < 2)
+            return 0;
+        long keys = (span + wanted - 1) / wanted;
+        return (int)((keys + KeyBlock - 1) / KeyBlock * KeyBlock);
+    }
+
+    /// <summary>The union of the key ranges of queries q0..q0+queries-1 (lo = int.MaxValue, hi = int.MinValue when all are empty).</summary>
+    private static void VisibleKeys(in Shape s, int q0, int queries, out int lo, out int hi)
+    {
+        lo = int.MaxValue;
+        hi = int.MinValue;
+        for (int i = q0; i < q0 + queries; i++)
+        {
+            if (s.KeyStart[i] < s.KeyEnd[i])
+            {
+                lo = Math.Min(lo, s.KeyStart[i]);
+                hi = Math.Max(hi, s.KeyEnd[i]);
+            }
+        }
+    }
+
+    // Per-thread scratch, kept for the thread's lifetime so that warm calls allocate nothing. A kernel's work items
+    // never call the kernel again, so one buffer per purpose and thread is never used twice at once.
+    [ThreadStatic] private static float[]? t_blockScratch;
+    [ThreadStatic] private static float[]? t_partials;
+
+    private static float[] ThreadScratch(ref float[]? buffer, int length)
+    {
+        float[]? current = buffer;
+        if (current == null || current.Length < length)
+            buffer = current = new float[length];
+        return current;
+    }
+
+    /// <summary>Work item i is chunk i % splits of the key range of <see cref="Blocks{TOps, TVec}"/> item i / splits.</summary>
+    private readonly struct KeySplits<TOps, TVec>(Blocks<TOps, TVec> blocks, int lo, int splitKeys, int splits, float* partials) : IWorkItems
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        public void Run(int item)
+        {
+            int from = lo + item % splits * splitKeys;
+            int to = (int)Math.Min((long)from + splitKeys, int.MaxValue);
+            blocks.RunPartial(item / splits, from, to, partials + (nint)item * blocks.PartialLength);
+        }
     }
 
     private readonly struct Blocks<TOps, TVec> : IWorkItems
@@ -189,27 +271,68 @@ public static unsafe class Attention
 
         private static int RoundUp(int value, int multiple) => (value + multiple - 1) / multiple * multiple;
 
-        public void Run(int item)
+        private int ScratchLength =>
+            _rowCapacity * _shape.HeadDim + _shape.HeadDim * KeyBlock + KeyBlock * _paddedDim + _rowCapacity * KeyBlock +
+            _rowCapacity * _paddedDim + 3 * _rowCapacity + TOps.Count;
+
+        /// <summary>Floats of one partial result: the unnormalised output rows, then each row's max, then its sum.</summary>
+        public int PartialLength => _rowCapacity * (_paddedDim + 2);
+
+        public void Run(int item) => RunPartial(item, 0, int.MaxValue, null);
+
+        /// <summary>
+        /// Item <paramref name="item"/> over keys from..to-1 only (intersected with each query's range). With no
+        /// <paramref name="partial"/> the result is final and goes to the output; else its partial softmax goes there.
+        /// </summary>
+        public void RunPartial(int item, int from, int to, float* partial)
         {
-            int d = _shape.HeadDim;
-            int dPad = _paddedDim;
-            int rowCap = _rowCapacity;
             // Scratch: packed queries, K block transposed (d-major), V block with padded rows, score tile, output
             // accumulators, then per-row max / sum / rescale factor.
-            int scratchLength = rowCap * d + d * KeyBlock + KeyBlock * dPad + rowCap * KeyBlock + rowCap * dPad + 3 * rowCap + TOps.Count;
-            float[] rented = ArrayPool<float>.Shared.Rent(scratchLength);
-            try
+            fixed (float* scratch = ThreadScratch(ref t_blockScratch, ScratchLength))
+                RunBlock(item, from, to, scratch, partial);
+        }
+
+        /// <summary>Folds the partial results of one item's key chunks into its output rows.</summary>
+        public void Merge(int item, float* partials, int splits)
+        {
+            ref readonly Shape s = ref _shape;
+            int d = s.HeadDim, dPad = _paddedDim, rowCap = _rowCapacity, group = _group, slot = PartialLength;
+            int kvHead = item / _blocks;
+            int q0 = item % _blocks * _queriesPerBlock;
+            int rows = Math.Min(_queriesPerBlock, s.Queries - q0) * group;
+            for (int r = 0; r < rows; r++)
             {
-                fixed (float* scratch = rented)
-                    RunBlock(item, scratch);
-            }
-            finally
-            {
-                ArrayPool<float>.Shared.Return(rented);
+                float* dst = s.Output + (nint)(q0 + r / group) * s.Heads * d + (nint)(kvHead * group + r % group) * d;
+                float max = float.NegativeInfinity;
+                for (int c = 0; c < splits; c++)
+                    max = MathF.Max(max, partials[(nint)c * slot + rowCap * dPad + r]);
+                var output = new Span<float>(dst, d);
+                if (max == float.NegativeInfinity)
+                {
+                    output.Clear();
+                    continue;
+                }
+                float sum = 0f;
+                bool first = true;
+                for (int c = 0; c < splits; c++)
+                {
+                    float* chunk = partials + (nint)c * slot;
+                    float chunkMax = chunk[rowCap * dPad + r];
+                    if (chunkMax == float.NegativeInfinity)
+                        continue;   // this chunk saw none of the row's keys
+                    float factor = MathF.Exp(chunkMax - max);
+                    sum += chunk[rowCap * dPad + rowCap + r] * factor;
+                    if (first)
+                        Scale(chunk + r * dPad, factor, dst, d);
+                    else
+                        AddScaled(chunk + r * dPad, factor, dst, d);
+                    first = false;
+                }
+                Scale(dst, 1f / sum, dst, d);
             }
         }
 
-        private void RunBlock(int item, float* scratch)
+        private void RunBlock(int item, int from, int to, float* scratch, float* partial)
         {
             ref readonly Shape s = ref _shape;
             int d = s.HeadDim, dPad = _paddedDim, rowCap = _rowCapacity, group = _group;
@@ -227,6 +350,11 @@ public static unsafe class Attention
             float* rowMax = acc + rowCap * dPad;
             float* rowSum = rowMax + rowCap;
             float* rowScale = rowSum + rowCap;
+            float* sums = stackalloc float[RowBlock * RowBlock];
+            // Few rows (decode) read K in place with dot products along the head dimension, where transposing a key
+            // block would cost as much as the scores; V is read in place whenever its rows need no padding.
+            bool dotScores = rowsPadded <= DotScoreRows;
+            bool vInPlace = dPad == d;
 
             // Row r is query q0 + r / group, head kvHead * group + r % group.
             for (int r = 0; r < rowsPadded; r++)
@@ -246,15 +374,9 @@ public static unsafe class Attention
             }
             new Span<float>(acc, rowsPadded * dPad).Clear();
 
-            int lo = int.MaxValue, hi = int.MinValue;
-            for (int i = q0; i < q0 + queries; i++)
-            {
-                if (s.KeyStart[i] < s.KeyEnd[i])
-                {
-                    lo = Math.Min(lo, s.KeyStart[i]);
-                    hi = Math.Max(hi, s.KeyEnd[i]);
-                }
-            }
+            VisibleKeys(s, q0, queries, out int lo, out int hi);
+            lo = Math.Max(lo, from);
+            hi = Math.Min(hi, to);
 
             for (int j0 = lo; j0 < hi; j0 += KeyBlock)
             {
@@ -264,17 +386,36 @@ public static unsafe class Attention
                 if (!AnyVisible(q0, queries, j0, keys))
                     continue;
 
-                PackKeys(kvHead, j0, keys, keysPadded, kT, vPack);
-                for (int r = 0; r < rowsPadded; r += RowBlock)
-                    Scores(qPack + r * d, d, kT, chunks, scores + r * KeyBlock, TOps.Create(s.Scale));
+                if (!dotScores || !vInPlace)
+                    PackKeys(kvHead, j0, keys, keysPadded, dotScores ? null : kT, vInPlace ? null : vPack);
+                nint kvOffset = (nint)j0 * s.KvRowStride + (nint)kvHead * d;
+                if (dotScores)
+                {
+                    DotScores(qPack, rowsPadded, d, s.K + kvOffset, s.KvRowStride, keys, scores, s.Scale, sums);
+                }
+                else
+                {
+                    for (int r = 0; r < rowsPadded; r += RowBlock)
+                        Scores(qPack + r * d, d, kT, chunks, scores + r * KeyBlock, TOps.Create(s.Scale));
+                }
 
                 for (int r = 0; r < rowsPadded; r++)
                     SoftmaxStep(r < rows ? q0 + r / group : -1, j0, keys, keysPadded, scores + r * KeyBlock, rowMax + r, rowSum + r, rowScale + r);
 
+                float* vBlock = vInPlace ? s.V + kvOffset : vPack;
+                nint vStride = vInPlace ? s.KvRowStride : dPad;
                 for (int r = 0; r < rowsPadded; r += RowBlock)
-                    AccumulateValues(scores + r * KeyBlock, keys, vPack, dPad, acc + r * dPad, rowScale + r);
+                    AccumulateValues(scores + r * KeyBlock, keys, vBlock, vStride, dPad, acc + r * dPad, rowScale + r);
             }
 
+            if (partial != null)
+            {
+                // Unnormalised rows, then each row's max and sum, for Merge.
+                new ReadOnlySpan<float>(acc, rows * dPad).CopyTo(new Span<float>(partial, rows * dPad));
+                new ReadOnlySpan<float>(rowMax, rows).CopyTo(new Span<float>(partial + rowCap * dPad, rows));
+                new ReadOnlySpan<float>(rowSum, rows).CopyTo(new Span<float>(partial + rowCap * dPad + rowCap, rows));
+                return;
+            }
             for (int r = 0; r < rows; r++)
             {
                 float* dst = s.Output + (nint)(q0 + r / group) * s.Heads * d + (nint)(kvHead * group + r % group) * d;
@@ -297,7 +438,10 @@ public static unsafe class Attention
             return false;
         }
 
-        /// <summary>Copies keys j0..j0+keys of one kv head: K transposed to [HeadDim, KeyBlock] (zero past the last key), V as rows of paddedDim.</summary>
+        /// <summary>
+        /// Copies keys j0..j0+keys of one kv head: K transposed to [HeadDim, KeyBlock] (zero past the last key) when
+        /// <paramref name="kT"/> is given, V as rows of paddedDim when <paramref name="vPack"/> is given.
+        /// </summary>
         private void PackKeys(int kvHead, int j0, int keys, int keysPadded, float* kT, float* vPack)
         {
             ref readonly Shape s = ref _shape;
@@ -305,15 +449,55 @@ public static unsafe class Attention
             for (int jj = 0; jj < keys; jj++)
             {
                 nint offset = (nint)(j0 + jj) * s.KvRowStride + (nint)kvHead * d;
-                float* key = s.K + offset;
-                for (int e = 0; e < d; e++)
-                    kT[e * KeyBlock + jj] = key[e];
-                float* vRow = vPack + jj * dPad;
-                new ReadOnlySpan<float>(s.V + offset, d).CopyTo(new Span<float>(vRow, d));
-                new Span<float>(vRow + d, dPad - d).Clear();
+                if (kT != null)
+                {
+                    float* key = s.K + offset;
+                    for (int e = 0; e < d; e++)
+                        kT[e * KeyBlock + jj] = key[e];
+                }
+                if (vPack != null)
+                {
+                    float* vRow = vPack + jj * dPad;
+                    new ReadOnlySpan<float>(s.V + offset, d).CopyTo(new Span<float>(vRow, d));
+                    new Span<float>(vRow + d, dPad - d).Clear();
+                }
             }
-            for (int e = 0; e < d && keys < keysPadded; e++)
+            for (int e = 0; kT != null && e < d && keys < keysPadded; e++)
                 new Span<float>(kT + e * KeyBlock + keys, keysPadded - keys).Clear();
+        }
+
+        /// <summary>
+        /// Scores of all packed query rows (a multiple of 4) against keys read in place, 4 keys x 4 rows at a time:
+        /// scores[r, j] = (q_r . k_j) * scale. Entries past the last key are left as they are (the softmax masks them).
+        /// </summary>
+        private static void DotScores(float* q, int rowsPadded, int d, float* k, int kStride, int keys, float* scores, float scale, float* sums)
+        {
+            nint kBytes = (nint)kStride * sizeof(float);
+            int j = 0;
+            for (; j + RowBlock <= keys; j += RowBlock)
+            {
+                byte* keyRows = (byte*)(k + (nint)j * kStride);
+                for (int r = 0; r < rowsPadded; r += RowBlock)
+                {
+                    MatMul.Block<TOps, TVec, Float32Reader>.Dot4x4(q + r * d, d, keyRows, kBytes, 0, d, sums);
+                    for (int rr = 0; rr < RowBlock; rr++)
+                    {
+                        float* row = scores + (r + rr) * KeyBlock + j;
+                        for (int c = 0; c < RowBlock; c++)
+                            row[c] = sums[rr * RowBlock + c] * scale;
+                    }
+                }
+            }
+            for (; j < keys; j++)
+            {
+                byte* keyRow = (byte*)(k + (nint)j * kStride);
+                for (int r = 0; r < rowsPadded; r += RowBlock)
+                {
+                    MatMul.Block<TOps, TVec, Float32Reader>.Dot4x1(q + r * d, d, keyRow, 0, d, sums);
+                    for (int rr = 0; rr < RowBlock; rr++)
+                        scores[(r + rr) * KeyBlock + j] = sums[rr] * scale;
+                }
+            }
         }
 
         /// <summary>Scores of 4 packed query rows against the block: scores[r, j] = (q_r . k_j) * scale, vectorised over keys.</summary>
@@ -445,8 +629,11 @@ public static unsafe class Attention
             *max = newMax;
         }
 
-        /// <summary>acc[r] = acc[r] * rescale[r] + sum_j p[r, j] * v_j for 4 rows, vectorised over the head dimension.</summary>
-        private static void AccumulateValues(float* p, int keys, float* vPack, int dPad, float* acc, float* rescale)
+        /// <summary>
+        /// acc[r] = acc[r] * rescale[r] + sum_j p[r, j] * v_j for 4 rows, vectorised over the head dimension; v_j starts
+        /// at v + j * vStride and is readable up to dPad.
+        /// </summary>
+        private static void AccumulateValues(float* p, int keys, float* v0Row, nint vStride, int dPad, float* acc, float* rescale)
         {
             int n = TOps.Count;
             int chunks = dPad / n;
@@ -465,8 +652,8 @@ public static unsafe class Attention
                 TVec a22 = TOps.Multiply(TOps.Load(acc2 + o + 2 * n), f2), a23 = TOps.Multiply(TOps.Load(acc2 + o + 3 * n), f2);
                 TVec a30 = TOps.Multiply(TOps.Load(acc3 + o), f3), a31 = TOps.Multiply(TOps.Load(acc3 + o + n), f3);
                 TVec a32 = TOps.Multiply(TOps.Load(acc3 + o + 2 * n), f3), a33 = TOps.Multiply(TOps.Load(acc3 + o + 3 * n), f3);
-                float* v = vPack + o;
-                for (int j = 0; j < keys; j++, v += dPad)
+                float* v = v0Row + o;
+                for (int j = 0; j < keys; j++, v += vStride)
                 {
                     TVec v0 = TOps.Load(v), v1 = TOps.Load(v + n), v2 = TOps.Load(v + 2 * n), v3 = TOps.Load(v + 3 * n);
                     TVec w = TOps.Create(p[j]);
@@ -492,8 +679,8 @@ public static unsafe class Attention
                 int o = c * n;
                 TVec a0 = TOps.Multiply(TOps.Load(acc + o), f0), a1 = TOps.Multiply(TOps.Load(acc1 + o), f1);
                 TVec a2 = TOps.Multiply(TOps.Load(acc2 + o), f2), a3 = TOps.Multiply(TOps.Load(acc3 + o), f3);
-                float* v = vPack + o;
-                for (int j = 0; j < keys; j++, v += dPad)
+                float* v = v0Row + o;
+                for (int j = 0; j < keys; j++, v += vStride)
                 {
                     TVec v0 = TOps.Load(v);
                     a0 = TOps.MultiplyAdd(TOps.Create(p[j]), v0, a0);
@@ -503,6 +690,17 @@ public static unsafe class Attention
                 }
                 TOps.Store(a0, acc + o); TOps.Store(a1, acc1 + o); TOps.Store(a2, acc2 + o); TOps.Store(a3, acc3 + o);
             }
+        }
+
+        /// <summary>destination += source * factor.</summary>
+        private static void AddScaled(float* source, float factor, float* destination, int length)
+        {
+            TVec f = TOps.Create(factor);
+            int i = 0;
+            for (; i + TOps.Count <= length; i += TOps.Count)
+                TOps.Store(TOps.MultiplyAdd(TOps.Load(source + i), f, TOps.Load(destination + i)), destination + i);
+            for (; i < length; i++)
+                destination[i] += source[i] * factor;
         }
 
         private static void Scale(float* source, float factor, float* destination, int length)

@@ -1,4 +1,3 @@
-using System.Buffers;
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 using PaliGemma.CpuOnly.Kernels.Simd;
@@ -20,6 +19,9 @@ public static unsafe class MatMul
     private const int PanelMinRows = 8;
     // Below this many multiply-adds the fork/join costs more than it saves.
     private const long ParallelThreshold = 1L << 20;
+
+    // Each thread's fp32 panel, kept so that warm calls allocate nothing (a tile never calls MatMul again).
+    [ThreadStatic] private static float[]? t_panel;
 
     /// <summary>
     /// y[m, n] = sum_k x[m, k] * W[n, k] + bias[n] for m &lt; <paramref name="rows"/>.
@@ -84,7 +86,7 @@ public static unsafe class MatMul
         }
     }
 
-    private readonly struct Shape(float* x, byte* w, float* bias, float* y, int rows, int n, int k, float softCap)
+    internal readonly struct Shape(float* x, byte* w, float* bias, float* y, int rows, int n, int k, float softCap)
     {
         public readonly float SoftCap = softCap;
         public readonly float* X = x;
@@ -137,45 +139,43 @@ public static unsafe class MatMul
             float* sums = stackalloc float[MicroRows * MicroCols];
 
             // Split K evenly into blocks of at most DepthBlock so every block does a useful amount of work.
-            int depthBlocks = (k + DepthBlock - 1) / DepthBlock;
+            int depthBlocks = m1 - m0 < MicroRows ? 1 : (k + DepthBlock - 1) / DepthBlock;
             int depth = (k + depthBlocks - 1) / depthBlocks;
 
             // Formats that are costly to widen are widened once per tile into an fp32 panel when enough x rows reuse it.
             bool widenPanel = !TReader.CheapToWiden && m1 - m0 >= PanelMinRows;
-            float[]? rented = widenPanel ? ArrayPool<float>.Shared.Rent(TileCols * depth) : null;
-            try
+            float[]? panelBuffer = null;
+            if (widenPanel)
             {
-                fixed (float* panel = rented)
+                panelBuffer = t_panel;
+                if (panelBuffer == null || panelBuffer.Length < TileCols * depth)
+                    t_panel = panelBuffer = new float[TileCols * depth];
+            }
+            fixed (float* panel = panelBuffer)
+            {
+                for (int k0 = 0; k0 < k; k0 += depth)
                 {
-                    for (int k0 = 0; k0 < k; k0 += depth)
+                    int k1 = Math.Min(k, k0 + depth);
+                    if (widenPanel)
                     {
-                        int k1 = Math.Min(k, k0 + depth);
-                        if (widenPanel)
-                        {
-                            for (int n = n0; n < n1; n++)
-                                Widen(shape.W + n * wStride, k0, k1, panel + (nint)(n - n0) * depth);
-                            // Offset so that element index k0 of a panel row is panel[row * depth].
-                            Block<TOps, TVec, Float32Reader>.Sweep(shape, (byte*)(panel - k0), (nint)depth * sizeof(float), m0, m1, n0, n1, k0, k1, sums);
-                        }
-                        else
-                        {
-                            Block<TOps, TVec, TReader>.Sweep(shape, shape.W + n0 * wStride, wStride, m0, m1, n0, n1, k0, k1, sums);
-                        }
+                        for (int n = n0; n < n1; n++)
+                            Widen(shape.W + n * wStride, k0, k1, panel + (nint)(n - n0) * depth);
+                        // Offset so that element index k0 of a panel row is panel[row * depth].
+                        Block<TOps, TVec, Float32Reader>.Sweep(shape, (byte*)(panel - k0), (nint)depth * sizeof(float), m0, m1, n0, n1, k0, k1, sums);
                     }
-                }
-                if (shape.SoftCap > 0f)
-                {
-                    for (int m = m0; m < m1; m++)
+                    else
                     {
-                        var tileRow = new Span<float>(shape.Y + (nint)m * shape.N + n0, n1 - n0);
-                        Activations.SoftCap(tileRow, tileRow, shape.SoftCap);
+                        Block<TOps, TVec, TReader>.Sweep(shape, shape.W + n0 * wStride, wStride, m0, m1, n0, n1, k0, k1, sums);
                     }
                 }
             }
-            finally
+            if (shape.SoftCap > 0f)
             {
-                if (rented != null)
-                    ArrayPool<float>.Shared.Return(rented);
+                for (int m = m0; m < m1; m++)
+                {
+                    var tileRow = new Span<float>(shape.Y + (nint)m * shape.N + n0, n1 - n0);
+                    Activations.SoftCap(tileRow, tileRow, shape.SoftCap);
+                }
             }
         }
 
@@ -189,8 +189,8 @@ public static unsafe class MatMul
         }
     }
 
-    /// <summary>Register-blocked dot products of x rows against W rows over one K block.</summary>
-    private static class Block<TOps, TVec, TReader>
+    /// <summary>Register-blocked dot products of x rows against W rows over one K block (Attention scores use them too).</summary>
+    internal static class Block<TOps, TVec, TReader>
         where TOps : struct, ISimdOps<TOps, TVec>
         where TVec : unmanaged
         where TReader : struct, IWeightReader
@@ -269,7 +269,7 @@ public static unsafe class MatMul
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static nint VectorEnd(nint start, nint end) => start + ((end - start) & ~(nint)(TOps.Count - 1));
 
-        private static void Dot4x4(float* x0, nint xStride, byte* w0, nint wStride, nint start, nint end, float* sums)
+        internal static void Dot4x4(float* x0, nint xStride, byte* w0, nint wStride, nint start, nint end, float* sums)
         {
             float* x1 = x0 + xStride, x2 = x1 + xStride, x3 = x2 + xStride;
             byte* w1 = w0 + wStride, w2 = w1 + wStride, w3 = w2 + wStride;
@@ -313,7 +313,7 @@ public static unsafe class MatMul
             }
         }
 
-        private static void Dot1x4(float* x, byte* w0, nint wStride, nint start, nint end, float* sums)
+        internal static void Dot1x4(float* x, byte* w0, nint wStride, nint start, nint end, float* sums)
         {
             byte* w1 = w0 + wStride, w2 = w1 + wStride, w3 = w2 + wStride;
             TVec a0 = TOps.Zero, a1 = TOps.Zero, a2 = TOps.Zero, a3 = TOps.Zero;
@@ -338,7 +338,7 @@ public static unsafe class MatMul
             sums[0] = s0; sums[1] = s1; sums[2] = s2; sums[3] = s3;
         }
 
-        private static void Dot4x1(float* x0, nint xStride, byte* w, nint start, nint end, float* sums)
+        internal static void Dot4x1(float* x0, nint xStride, byte* w, nint start, nint end, float* sums)
         {
             float* x1 = x0 + xStride, x2 = x1 + xStride, x3 = x2 + xStride;
             TVec a0 = TOps.Zero, a1 = TOps.Zero, a2 = TOps.Zero, a3 = TOps.Zero;
@@ -360,7 +360,7 @@ public static unsafe class MatMul
             sums[0] = s0; sums[1] = s1; sums[2] = s2; sums[3] = s3;
         }
 
-        private static float Dot1x1(float* x, byte* w, nint start, nint end)
+        internal static float Dot1x1(float* x, byte* w, nint start, nint end)
         {
             TVec a0 = TOps.Zero, a1 = TOps.Zero;
             nint i = start;

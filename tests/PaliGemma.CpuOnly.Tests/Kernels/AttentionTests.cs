@@ -47,15 +47,24 @@ public sealed class AttentionTests
     [Property(Arbitrary = [typeof(AttentionArbitraries)], MaxTest = 30)]
     public void Public_entry_point_matches_double_softmax_reference(AttentionCase c) => Check(c, useWidth: false);
 
-    // Several query blocks and key blocks per work item, enough work to run multi-threaded.
+    // Each work item's key range cut into chunks of an odd number of keys, merged from partial softmaxes.
+    [Property(Arbitrary = [typeof(AttentionArbitraries)], MaxTest = 100)]
+    public void Split_key_ranges_match_double_softmax_reference(AttentionCase c, PositiveInt chunkKeys) =>
+        Check(c, useWidth: true, splitKeys: 1 + chunkKeys.Get % 70);
+
+    // Several query blocks and key blocks per work item, enough work to run multi-threaded; the decode shapes (one
+    // query, few kv heads, many keys) take the split-key path whenever there is more than one thread.
     [Theory]
     [InlineData(150, 200, 4, 4, 72, MaskKind.PrefixCausal, 0f)]
     [InlineData(70, 300, 8, 1, 64, MaskKind.SlidingWindow, 50f)]
     [InlineData(1, 500, 8, 4, 256, MaskKind.Full, 30f)]
+    [InlineData(1, 4133, 8, 1, 256, MaskKind.Full, 0f)]
+    [InlineData(1, 2999, 8, 1, 256, MaskKind.PrefixCausal, 30f)]
+    [InlineData(3, 1700, 8, 2, 200, MaskKind.Random, 0f)]
     public void Forward_matches_reference_on_larger_problems(int queries, int keys, int heads, int kvHeads, int headDim, MaskKind mask, float softCap) =>
         Check(new AttentionCase(queries, keys, heads, kvHeads, headDim, 1, 2, mask, true, softCap, 1f / MathF.Sqrt(headDim), Width.V512, queries + keys), useWidth: false);
 
-    private static void Check(AttentionCase c, bool useWidth)
+    private static void Check(AttentionCase c, bool useWidth, int splitKeys = 0)
     {
         var random = new Random(c.Seed);
         int d = c.HeadDim;
@@ -78,7 +87,7 @@ public sealed class AttentionTests
             Output = output,
         };
         if (useWidth)
-            Attention.Forward(problem, c.Width.ToSimd());
+            Attention.Forward(problem, c.Width.ToSimd(), splitKeys);
         else
             Attention.Forward(problem);
 

@@ -1,10 +1,18 @@
+using System.Runtime.CompilerServices;
 using PaliGemma.CpuOnly.Kernels;
 using PaliGemma.CpuOnly.Tensors;
 using static PaliGemma.CpuOnly.Tests.Kernels.KernelTestSupport;
 
 namespace PaliGemma.CpuOnly.Tests.Kernels;
 
-/// <summary>Tests that change the process-wide <see cref="KernelThreading.MaxThreads"/> live in this one class so they never overlap.</summary>
+[CollectionDefinition(nameof(KernelThreadingCollection), DisableParallelization = true)]
+public sealed class KernelThreadingCollection;
+
+/// <summary>
+/// Tests that change the process-wide <see cref="KernelThreading.MaxThreads"/>, count the threads a call uses or the
+/// bytes the whole process allocates live in this class, which runs alone (no other test holds the worker pool or allocates meanwhile).
+/// </summary>
+[Collection(nameof(KernelThreadingCollection))]
 public sealed unsafe class KernelThreadingTests
 {
     [Fact]
@@ -109,8 +117,298 @@ public sealed unsafe class KernelThreadingTests
         {
             KernelThreading.MaxThreads = saved;
         }
-        // A single head's score matrix would be 1 MiB.
-        Assert.True(allocated < (long)queries * keys * sizeof(float) / 16, $"allocated {allocated} bytes");
+        // Scratch is kept per thread: a warm call allocates nothing (a single head's score matrix would be 1 MiB).
+        Assert.Equal(0, allocated);
+        Assert.All(output, value => Assert.True(float.IsFinite(value)));
+    }
+
+    private static void WithMaxThreads(int threads, Action action)
+    {
+        int saved = KernelThreading.MaxThreads;
+        try
+        {
+            KernelThreading.MaxThreads = threads;
+            action();
+        }
+        finally
+        {
+            KernelThreading.MaxThreads = saved;
+        }
+    }
+
+    /// <summary>Item i writes a value derived from i and counts its runs.</summary>
+    private readonly struct Squares(long[] output, int[] runs) : IWorkItems
+    {
+        public void Run(int item)
+        {
+            output[item] = (long)item * item + 7;
+            Interlocked.Increment(ref runs[item]);
+        }
+    }
+
+    [Theory]
+    [InlineData(2, 2)]
+    [InlineData(2, 1000)]
+    [InlineData(3, 17)]
+    [InlineData(4, 4097)]
+    public void For_runs_every_item_once_with_the_serial_results(int threads, int count)
+    {
+        long[] serial = new long[count], parallel = new long[count];
+        int[] serialRuns = new int[count], parallelRuns = new int[count];
+        KernelThreading.For(count, parallel: false, new Squares(serial, serialRuns));
+        WithMaxThreads(threads, () =>
+        {
+            for (int repeat = 0; repeat < 20; repeat++)
+            {
+                Array.Clear(parallelRuns);
+                KernelThreading.For(count, parallel: true, new Squares(parallel, parallelRuns));
+                Assert.All(parallelRuns, runs => Assert.Equal(1, runs));
+            }
+        });
+        Assert.All(serialRuns, runs => Assert.Equal(1, runs));
+        Assert.Equal(serial, parallel);
+    }
+
+    /// <summary>
+    /// Every item waits until <c>expected</c> different threads have started one (or a timeout), so a call that can use
+    /// that many threads must; records the threads and whether they are background threads.
+    /// </summary>
+    private sealed class ThreadLog(int expected)
+    {
+        private readonly object _gate = new();
+        public readonly HashSet<int> Threads = [];
+        public bool AllBackgroundButCaller = true;
+        public int CallerThread = Environment.CurrentManagedThreadId;
+
+        public void Arrive()
+        {
+            lock (_gate)
+            {
+                Threads.Add(Environment.CurrentManagedThreadId);
+                if (Environment.CurrentManagedThreadId != CallerThread && !Thread.CurrentThread.IsBackground)
+                    AllBackgroundButCaller = false;
+            }
+            var timeout = System.Diagnostics.Stopwatch.StartNew();
+            while (timeout.Elapsed < TimeSpan.FromSeconds(10))
+            {
+                lock (_gate)
+                {
+                    if (Threads.Count >= expected)
+                        return;
+                }
+                Thread.Sleep(1);
+            }
+        }
+    }
+
+    private readonly struct Logged(ThreadLog log) : IWorkItems
+    {
+        public void Run(int item) => log.Arrive();
+    }
+
+    [Fact]
+    public void For_uses_up_to_MaxThreads_background_threads_and_follows_changes()
+    {
+        foreach (int threads in new[] { 3, 2, 4, 1, 3 })
+        {
+            var log = new ThreadLog(threads);
+            WithMaxThreads(threads, () => KernelThreading.For(threads, parallel: true, new Logged(log)));
+            Assert.Equal(threads, log.Threads.Count);
+            Assert.Contains(log.CallerThread, log.Threads);
+            Assert.True(log.AllBackgroundButCaller, "pool threads must be background threads");
+
+            // More items than threads never bring in more threads than MaxThreads.
+            var seen = new System.Collections.Concurrent.ConcurrentDictionary<int, bool>();
+            WithMaxThreads(threads, () => KernelThreading.For(64, parallel: true, new Recorded(seen)));
+            Assert.InRange(seen.Count, 1, threads);
+        }
+    }
+
+    private readonly struct Recorded(System.Collections.Concurrent.ConcurrentDictionary<int, bool> seen) : IWorkItems
+    {
+        public void Run(int item)
+        {
+            seen[Environment.CurrentManagedThreadId] = true;
+            Thread.Sleep(1);
+        }
+    }
+
+    private sealed class FailureProbe
+    {
+        public int CallerThread = Environment.CurrentManagedThreadId;
+        public volatile bool WorkerFailed;
+    }
+
+    /// <summary>Items on pool threads throw; the caller's item waits until one has.</summary>
+    private readonly struct FailsOnWorkers(FailureProbe probe) : IWorkItems
+    {
+        public void Run(int item)
+        {
+            if (Environment.CurrentManagedThreadId != probe.CallerThread)
+            {
+                probe.WorkerFailed = true;
+                throw new InvalidOperationException($"item {item} failed on a pool thread");
+            }
+            var timeout = System.Diagnostics.Stopwatch.StartNew();
+            while (!probe.WorkerFailed && timeout.Elapsed < TimeSpan.FromSeconds(10))
+                Thread.Sleep(1);
+        }
+    }
+
+    private readonly struct FailsAt(int failing) : IWorkItems
+    {
+        public void Run(int item)
+        {
+            if (item == failing)
+                throw new ArgumentException($"item {item} failed");
+        }
+    }
+
+    [Fact]
+    public void Exceptions_from_work_items_reach_the_caller_and_the_pool_keeps_working()
+    {
+        WithMaxThreads(2, () =>
+        {
+            var probe = new FailureProbe();
+            var fromWorker = Assert.Throws<InvalidOperationException>(() => KernelThreading.For(8, parallel: true, new FailsOnWorkers(probe)));
+            Assert.Contains("on a pool thread", fromWorker.Message);
+
+            var fromAny = Assert.Throws<ArgumentException>(() => KernelThreading.For(500, parallel: true, new FailsAt(321)));
+            Assert.Equal("item 321 failed", fromAny.Message);
+
+            long[] output = new long[300];
+            int[] runs = new int[300];
+            KernelThreading.For(300, parallel: true, new Squares(output, runs));
+            Assert.All(runs, r => Assert.Equal(1, r));
+        });
+    }
+
+    /// <summary>Each outer item runs an inner parallel batch of its own.</summary>
+    private readonly struct Nested(long[][] output, int[][] runs) : IWorkItems
+    {
+        public void Run(int item) => KernelThreading.For(output[item].Length, parallel: true, new Squares(output[item], runs[item]));
+    }
+
+    [Fact]
+    public void Calls_from_inside_a_work_item_run_serially_without_deadlock()
+    {
+        const int outer = 12, inner = 37;
+        long[][] output = Enumerable.Range(0, outer).Select(_ => new long[inner]).ToArray();
+        int[][] runs = Enumerable.Range(0, outer).Select(_ => new int[inner]).ToArray();
+        WithMaxThreads(3, () => KernelThreading.For(outer, parallel: true, new Nested(output, runs)));
+        for (int i = 0; i < outer; i++)
+        {
+            Assert.All(runs[i], r => Assert.Equal(1, r));
+            Assert.Equal(Enumerable.Range(0, inner).Select(j => (long)j * j + 7), output[i]);
+        }
+    }
+
+    [Fact]
+    public void Calls_from_several_threads_at_once_all_complete()
+    {
+        WithMaxThreads(2, () =>
+        {
+            var tasks = Enumerable.Range(0, 4).Select(t => Task.Run(() =>
+            {
+                for (int repeat = 0; repeat < 200; repeat++)
+                {
+                    long[] output = new long[50 + t];
+                    int[] runs = new int[50 + t];
+                    KernelThreading.For(output.Length, parallel: true, new Squares(output, runs));
+                    Assert.All(runs, r => Assert.Equal(1, r));
+                }
+            })).ToArray();
+            Task.WaitAll(tasks);
+        });
+    }
+
+    /// <summary>Writes through a pointer only, so that the call itself is the only thing that could allocate.</summary>
+    private readonly struct Fill(float* output) : IWorkItems
+    {
+        public void Run(int item) => output[item] = item * 0.5f;
+    }
+
+    [Fact]
+    public void Warm_parallel_calls_allocate_nothing()
+    {
+        float[] output = GC.AllocateArray<float>(64, pinned: true);
+        nint address = (nint)Unsafe.AsPointer(ref output[0]);
+        WithMaxThreads(2, () => AssertNoAllocation(() => KernelThreading.For(64, parallel: true, new Fill((float*)address))));
+        Assert.Equal(31.5f, output[63]);
+    }
+
+    /// <summary>
+    /// Runs the warm-up, then checks that one call allocates nothing on the calling thread and that <paramref name="calls"/>
+    /// calls leave the process's allocated bytes (every thread, the pool's included) where they were. The test runner's
+    /// own threads may allocate meanwhile, so the best of a few windows counts: a per-call allocation shows in every one.
+    /// </summary>
+    private static void AssertNoAllocation(Action call, int calls = 1000)
+    {
+        for (int i = 0; i < 20; i++)
+            call();
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        call();
+        Assert.Equal(0, GC.GetAllocatedBytesForCurrentThread() - before);
+
+        long fewest = long.MaxValue;
+        for (int window = 0; window < 4 && fewest >= 1024; window++)
+        {
+            long total = GC.GetTotalAllocatedBytes(precise: true);
+            for (int i = 0; i < calls; i++)
+                call();
+            fewest = Math.Min(fewest, GC.GetTotalAllocatedBytes(precise: true) - total);
+        }
+        // One allocation per call would be at least 24 bytes each; a few hundred bytes of slack cover the runtime's own.
+        Assert.True(fewest < 1024, $"{calls} calls allocated at least {fewest} bytes in the process");
+    }
+
+    [Theory]
+    [InlineData(2048, 2048)]
+    [InlineData(16384, 2048)]
+    [InlineData(2048, 16384)]
+    public void Decode_matmul_allocates_nothing(int n, int k)
+    {
+        float[] x = RandomFloats(new Random(n + k), k, -1f, 1f);
+        float[] y = new float[n];
+        byte[] weights = new byte[(long)n * k * 2];
+        System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ushort>(weights.AsSpan()).Fill(0x3C00);   // bf16 2^-7
+        WithMaxThreads(Math.Max(2, Environment.ProcessorCount), () =>
+        {
+            fixed (byte* wp = weights)
+            {
+                var w = new WeightMatrix(wp, DType.BF16, n, k);
+                AssertNoAllocation(() => MatMul.Multiply(x, 1, w, default, y), calls: n * k > 1 << 24 ? 50 : 300);
+            }
+        });
+        Assert.All(y, value => Assert.True(float.IsFinite(value)));
+    }
+
+    [Theory]
+    [InlineData(1024)]
+    [InlineData(4096)]
+    public void Decode_attention_allocates_nothing(int keys)
+    {
+        const int heads = 8, d = 256;
+        var random = new Random(keys);
+        float[] q = RandomFloats(random, heads * d, -1f, 1f);
+        float[] k = RandomFloats(random, keys * d, -1f, 1f);
+        float[] v = RandomFloats(random, keys * d, -1f, 1f);
+        int[] start = [0], end = [keys];
+        float[] output = new float[heads * d];
+        WithMaxThreads(Math.Max(2, Environment.ProcessorCount), () =>
+        {
+            AssertNoAllocation(() =>
+            {
+                var problem = new AttentionProblem
+                {
+                    Q = q, QRowStride = heads * d, Queries = 1,
+                    K = k, V = v, KvRowStride = d, Keys = keys,
+                    Heads = heads, KvHeads = 1, HeadDim = d, Scale = 0.0625f,
+                    KeyStart = start, KeyEnd = end, Output = output,
+                };
+                Attention.Forward(problem);
+            }, calls: 200);
+        });
         Assert.All(output, value => Assert.True(float.IsFinite(value)));
     }
 }
