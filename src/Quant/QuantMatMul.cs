@@ -40,8 +40,8 @@ public static unsafe class QuantMatMul
     public const int GemvMaxRows = 4;
     // W rows per GEMV work item: enough to amortize the scheduling, small enough to balance the threads.
     private const int GemvRowsPerItem = 32;
-    // Below this many weights the GEMV runs on the calling thread.
-    private const long GemvParallelThreshold = 1L << 16;
+    // Below this many weights (about 10 µs of work) the GEMV runs on the calling thread: waking a second thread costs as much.
+    private const long GemvParallelThreshold = 1L << 20;
     // Target fp32 panel size for the prefill path (floats, 2 MB, about an L2). At least 64 W rows (one GEMM tile) per panel.
     private const int PanelFloats = 1 << 19;
 
