@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Kernels.Backends;
 using PaliGemma.CpuOnly.Quant;
 using PaliGemma.CpuOnly.Model.Lora;
 using PaliGemma.CpuOnly.Tensors;
@@ -26,6 +27,10 @@ public sealed class GemmaDecoder
     private QuantizedMatrix? _embedQuantized;
     private readonly DecoderLayer[] _layers;
     private readonly float[] _finalNorm;
+    private IComputeBackend _backend = CpuBackend.Instance;
+    private ResidentNorms[] _residentNorms = [];
+    private DeviceBuffer? _residentFinalNorm;
+    private ResidentMatrix? _residentLmHead;   // device backends only: the CPU reads the LM head in place
 
     // Gemma 1 has no AttentionOutputNorm / FeedForwardOutputNorm and calls its FeedForwardInputNorm post_attention_layernorm.
     private sealed record DecoderLayer(float[] InputNorm, Linear Q, Linear K, Linear V, Linear O, float[]? AttentionOutputNorm,
@@ -68,6 +73,7 @@ public sealed class GemmaDecoder
         }
         _finalNorm = SmallTensors.Load(checkpoint, Prefix + "norm.weight", h);
         EmbeddingScale = MathF.Sqrt(h);
+        Bind(CpuBackend.Instance);
     }
 
     public TextConfig Config => _config;
@@ -93,7 +99,10 @@ public sealed class GemmaDecoder
     internal void QuantizeEmbedding()
     {
         if (_embedQuantized is null)
+        {
             _embedQuantized = Quantizer.Quantize(_lmHead, QuantFormat.Q8);
+            _lmHeadOperand = null;
+        }
     }
     public int KvWidth => _config.NumKeyValueHeads * _config.HeadDim;
 
@@ -109,7 +118,7 @@ public sealed class GemmaDecoder
     {
         var windows = new int[_layers.Length];
         for (int i = 0; i < windows.Length; i++) windows[i] = _layers[i].Window;
-        return new KvCache(windows, batch, capacity, KvWidth);
+        return new KvCache(windows, batch, capacity, KvWidth, _backend);
     }
 
     /// <summary>Writes the embedding row of <paramref name="tokenId"/> (upconverted to fp32) times sqrt(hidden) into <paramref name="destination"/>.</summary>
@@ -148,15 +157,17 @@ public sealed class GemmaDecoder
     /// <paramref name="cache"/>. <paramref name="hidden"/> [rows·newTokens, hidden] holds the scaled input embeddings and
     /// receives the final-normed states. Query at cache position p sees the valid keys of
     /// <see cref="AttentionMask.VisibleKeys"/>: the prefix attends bidirectionally, later tokens causally, and sliding
-    /// layers drop keys more than a window behind.
+    /// layers drop keys more than a window behind. The work runs on the decoder's backend; the activations stay there
+    /// between layers (in buffers the cache keeps, so a decode step allocates nothing).
     /// </summary>
     public void Forward(Span<float> hidden, int newTokens, ReadOnlySpan<int> positions, KvCache cache, int prefixLength,
         HiddenStateObserver? observer = null, CancellationToken cancellationToken = default, LoraAdapter? adapter = null,
         IProgress<InferenceProgress>? progress = null)
     {
+        var backend = _backend;
         int batch = cache.Batch, rows = batch * newTokens, h = _config.HiddenSize;
         int heads = _config.NumAttentionHeads, kvHeads = _config.NumKeyValueHeads, headDim = _config.HeadDim;
-        int qWidth = heads * headDim, kvWidth = KvWidth, inner = _config.IntermediateSize;
+        int qWidth = heads * headDim, kvWidth = KvWidth;
         int start = cache.Length, end = start + newTokens;
         if (hidden.Length != rows * h) throw new ArgumentException($"hidden holds {hidden.Length} floats, {rows * h} needed", nameof(hidden));
         if (positions.Length != rows) throw new ArgumentException($"{positions.Length} positions for {rows} rows", nameof(positions));
@@ -166,58 +177,133 @@ public sealed class GemmaDecoder
             throw new ArgumentOutOfRangeException(nameof(prefixLength), prefixLength, $"the prefix cannot reach past the {end} positions written");
         if (cache.Layers != _layers.Length || cache.KvWidth != kvWidth)
             throw new ArgumentException($"the cache was made for {cache.Layers} layers of {cache.KvWidth} floats, not this decoder's {_layers.Length} of {kvWidth}", nameof(cache));
+        if (!ReferenceEquals(cache.Backend, backend))
+            throw new ArgumentException($"the cache lives on '{cache.Backend.Name}' but the decoder computes on '{backend.Name}'; make caches with CreateCache", nameof(cache));
         if (adapter is not null && !ReferenceEquals(adapter.BaseModel.Decoder, this))
             throw new ArgumentException($"LoRA adapter '{adapter.Directory}' was loaded for another model", nameof(adapter));
 
-        float[] normed = new float[rows * h], q = new float[rows * qWidth], k = new float[rows * kvWidth], v = new float[rows * kvWidth];
-        float[] attn = new float[rows * qWidth], gate = new float[rows * inner], up = new float[rows * inner];
-        var attention = new AttentionContext(newTokens, start, prefixLength, kvWidth);
+        var ws = WorkspaceFor(cache, rows);
+        DeviceSpan x = ws.Hidden.Slice(0, rows * h), normed = ws.Normed.Slice(0, rows * h);
+        DeviceSpan q = ws.Q.Slice(0, rows * qWidth), k = ws.K.Slice(0, rows * kvWidth), v = ws.V.Slice(0, rows * kvWidth);
+        DeviceSpan attn = ws.Attention.Slice(0, rows * qWidth);
+        DeviceSpan gate = ws.Gate.Slice(0, rows * _config.IntermediateSize), up = ws.Up.Slice(0, rows * _config.IntermediateSize);
+        var attention = ws.Context;
+        attention.Begin(newTokens, start, prefixLength);
         float scale = _config.AttentionScale, softCap = _config.AttnLogitSoftcapping ?? 0f, eps = _config.RmsNormEps;
 
-        observer?.Invoke(0, hidden);
+        backend.Write(hidden, x);
+        Observe(observer, 0, x, ws);
         for (int li = 0; li < _layers.Length; li++)
         {
             cancellationToken.ThrowIfCancellationRequested();
             var layer = _layers[li];
-            Norms.RmsNorm(hidden, normed, rows, h, layer.InputNorm, eps, unitOffset: true);
-            layer.Q.Forward(normed, rows, q, adapter);
-            layer.K.Forward(normed, rows, k, adapter);
-            layer.V.Forward(normed, rows, v, adapter);
-            Rope.Apply(q, rows, heads, headDim, qWidth, positions, _config.RopeTheta);
-            Rope.Apply(k, rows, kvHeads, headDim, kvWidth, positions, _config.RopeTheta);
+            var norms = _residentNorms[li];
+            backend.RmsNorm(x, normed, rows, h, norms.Input.Span, eps, unitOffset: true);
+            layer.Q.Forward(backend, normed, rows, q, adapter);
+            layer.K.Forward(backend, normed, rows, k, adapter);
+            layer.V.Forward(backend, normed, rows, v, adapter);
+            backend.Rope(q, rows, heads, headDim, qWidth, positions, _config.RopeTheta);
+            backend.Rope(k, rows, kvHeads, headDim, kvWidth, positions, _config.RopeTheta);
             for (int b = 0; b < batch; b++)
             {
-                var problem = new AttentionProblem
+                var rowKeys = k.Slice(b * newTokens * kvWidth, newTokens * kvWidth);
+                var rowValues = v.Slice(b * newTokens * kvWidth, newTokens * kvWidth);
+                var problem = new DeviceAttentionProblem
                 {
-                    Q = q.AsSpan(b * newTokens * qWidth, newTokens * qWidth), QRowStride = qWidth, Queries = newTokens,
+                    Q = q.Slice(b * newTokens * qWidth, newTokens * qWidth), QRowStride = qWidth, Queries = newTokens,
                     KvRowStride = kvWidth, Heads = heads, KvHeads = kvHeads, HeadDim = headDim, Scale = scale, LogitSoftCap = softCap,
-                    Output = attn.AsSpan(b * newTokens * qWidth, newTokens * qWidth),
+                    Output = attn.Slice(b * newTokens * qWidth, newTokens * qWidth),
                 };
-                attention.Bind(ref problem, cache, li, b, k.AsSpan(b * newTokens * kvWidth, newTokens * kvWidth),
-                    v.AsSpan(b * newTokens * kvWidth, newTokens * kvWidth));
-                Attention.Forward(problem);
-                attention.Store(cache, li, b, k.AsSpan(b * newTokens * kvWidth, newTokens * kvWidth),
-                    v.AsSpan(b * newTokens * kvWidth, newTokens * kvWidth));
+                attention.Bind(ref problem, cache, li, b, rowKeys, rowValues);
+                backend.Attention(problem);
+                attention.Store(cache, li, b, rowKeys, rowValues);
             }
-            layer.O.Forward(attn, rows, normed, adapter);
-            if (layer.AttentionOutputNorm is { } attentionOutputNorm)
-                Norms.RmsNorm(normed, normed, rows, h, attentionOutputNorm, eps, unitOffset: true);
-            TensorPrimitives.Add(hidden, normed, hidden);
+            layer.O.Forward(backend, attn, rows, normed, adapter);
+            if (norms.AttentionOutput is { } attentionOutputNorm)
+                backend.RmsNorm(normed, normed, rows, h, attentionOutputNorm.Span, eps, unitOffset: true);
+            backend.Add(x, normed, x);
 
-            Norms.RmsNorm(hidden, normed, rows, h, layer.FeedForwardInputNorm, eps, unitOffset: true);
-            layer.Gate.Forward(normed, rows, gate, adapter);
-            layer.Up.Forward(normed, rows, up, adapter);
-            Activations.GeluTanhMul(gate, up, gate);
-            layer.Down.Forward(gate, rows, normed, adapter);
-            if (layer.FeedForwardOutputNorm is { } feedForwardOutputNorm)
-                Norms.RmsNorm(normed, normed, rows, h, feedForwardOutputNorm, eps, unitOffset: true);
-            TensorPrimitives.Add(hidden, normed, hidden);
-            if (li + 1 < _layers.Length) observer?.Invoke(li + 1, hidden);
+            backend.RmsNorm(x, normed, rows, h, norms.FeedForwardInput.Span, eps, unitOffset: true);
+            layer.Gate.Forward(backend, normed, rows, gate, adapter);
+            layer.Up.Forward(backend, normed, rows, up, adapter);
+            backend.GeluTanhMul(gate, up, gate);
+            layer.Down.Forward(backend, gate, rows, normed, adapter);
+            if (norms.FeedForwardOutput is { } feedForwardOutputNorm)
+                backend.RmsNorm(normed, normed, rows, h, feedForwardOutputNorm.Span, eps, unitOffset: true);
+            backend.Add(x, normed, x);
+            if (li + 1 < _layers.Length) Observe(observer, li + 1, x, ws);
             progress?.Report(new InferenceProgress("prefill", li + 1, _layers.Length));
         }
         cache.Length = end;
-        Norms.RmsNorm(hidden, hidden, rows, h, _finalNorm, eps, unitOffset: true);
+        backend.RmsNorm(x, x, rows, h, _residentFinalNorm!.Span, eps, unitOffset: true);
+        backend.Read(x, hidden);
         observer?.Invoke(_layers.Length, hidden);
+    }
+
+    private void Observe(HiddenStateObserver? observer, int index, DeviceSpan states, DecoderWorkspace ws)
+    {
+        if (observer is null)
+            return;
+        if (_backend.IsHost)
+        {
+            observer(index, states.HostSpan);
+            return;
+        }
+        var copy = new float[states.Length];
+        _backend.Read(states, copy);
+        observer(index, copy);
+    }
+
+    private DecoderWorkspace WorkspaceFor(KvCache cache, int rows)
+    {
+        if (cache.Workspace is not DecoderWorkspace ws || ws.Rows < rows || !ReferenceEquals(ws.Backend, _backend))
+        {
+            (cache.Workspace as DecoderWorkspace)?.Dispose();
+            ws = new DecoderWorkspace(_backend, _config, rows, KvWidth);
+            cache.Workspace = ws;
+        }
+        return ws;
+    }
+
+    /// <summary>One cache's activation buffers on the backend, sized for the most rows seen so far (a prompt), reused by every step.</summary>
+    private sealed class DecoderWorkspace : IDisposable
+    {
+        public DecoderWorkspace(IComputeBackend backend, TextConfig config, int rows, int kvWidth)
+        {
+            int qWidth = config.NumAttentionHeads * config.HeadDim;
+            Backend = backend;
+            Rows = rows;
+            Hidden = backend.Allocate((long)rows * config.HiddenSize);
+            Normed = backend.Allocate((long)rows * config.HiddenSize);
+            Q = backend.Allocate((long)rows * qWidth);
+            K = backend.Allocate((long)rows * kvWidth);
+            V = backend.Allocate((long)rows * kvWidth);
+            Attention = backend.Allocate((long)rows * qWidth);
+            Gate = backend.Allocate((long)rows * config.IntermediateSize);
+            Up = backend.Allocate((long)rows * config.IntermediateSize);
+            Context = new AttentionContext(backend, kvWidth);
+        }
+
+        public IComputeBackend Backend { get; }
+        public int Rows { get; }
+        public DeviceBuffer Hidden { get; }
+        public DeviceBuffer Normed { get; }
+        public DeviceBuffer Q { get; }
+        public DeviceBuffer K { get; }
+        public DeviceBuffer V { get; }
+        public DeviceBuffer Attention { get; }
+        public DeviceBuffer Gate { get; }
+        public DeviceBuffer Up { get; }
+        public AttentionContext Context { get; }
+        // Logits of the last step's rows, for device backends (the CPU writes the caller's span directly).
+        public DeviceBuffer? Logits { get; set; }
+
+        public void Dispose()
+        {
+            foreach (var buffer in new[] { Hidden, Normed, Q, K, V, Attention, Gate, Up, Logits })
+                buffer?.Dispose();
+            Context.Dispose();
+        }
     }
 
     /// <summary>
@@ -226,41 +312,58 @@ public sealed class GemmaDecoder
     /// Sliding ring layers: one new token reads the ring itself (its window is exactly the ring); a prompt reads its own
     /// fresh keys (prompt queries may see later prompt keys, beyond what the ring keeps); several tokens after a prompt
     /// read a scratch copy of the window in position order. Either way only the last window keys are kept.
+    /// Reused across calls: <see cref="Begin"/> resets it for each forward pass.
     /// </summary>
-    private sealed class AttentionContext(int newTokens, int start, int prefixLength, int kvWidth)
+    private sealed class AttentionContext(IComputeBackend backend, int kvWidth) : IDisposable
     {
-        private readonly int[] _keyStart = new int[newTokens], _keyEnd = new int[newTokens];
+        private int _newTokens, _start, _prefixLength;
+        private int[] _keyStart = [], _keyEnd = [];
         private byte[] _slotValid = [];
-        private float[] _scratchKeys = [], _scratchValues = [];
+        private DeviceBuffer? _scratchKeys, _scratchValues;
         private byte[] _scratchValid = [];
         private int _rangesFor = -1;   // window the key ranges were computed for (ranges depend on the window and the base)
         private int _rangesBase = -1;
         private bool _stored;          // the keys Bind just placed are already where they stay
 
-        public void Bind(ref AttentionProblem problem, KvCache cache, int layer, int row, ReadOnlySpan<float> newKeys, ReadOnlySpan<float> newValues)
+        public void Begin(int newTokens, int start, int prefixLength)
         {
+            if (_keyStart.Length < newTokens)
+            {
+                _keyStart = new int[newTokens];
+                _keyEnd = new int[newTokens];
+            }
+            _newTokens = newTokens;
+            _start = start;
+            _prefixLength = prefixLength;
+            _rangesFor = -1;
+            _rangesBase = -1;
+        }
+
+        public void Bind(ref DeviceAttentionProblem problem, KvCache cache, int layer, int row, DeviceSpan newKeys, DeviceSpan newValues)
+        {
+            int newTokens = _newTokens, start = _start;
             int end = start + newTokens, window = cache.Window(layer);
             var keys = cache.Keys(layer, row);
             var values = cache.Values(layer, row);
             var valid = cache.ValidRow(row);
             if (!cache.IsRing(layer))
             {
-                newKeys.CopyTo(keys[(start * kvWidth)..]);
-                newValues.CopyTo(values[(start * kvWidth)..]);
+                backend.Copy(newKeys, keys.Slice(start * kvWidth, newTokens * kvWidth));
+                backend.Copy(newValues, values.Slice(start * kvWidth, newTokens * kvWidth));
                 _stored = true;
                 SetRanges(window, keyBase: 0);
-                Use(ref problem, keys[..(end * kvWidth)], values[..(end * kvWidth)], end, valid[..end]);
+                Use(ref problem, keys.Slice(0, end * kvWidth), values.Slice(0, end * kvWidth), end, valid[..end]);
                 return;
             }
 
             int slots = cache.Slots(layer);
-            if (newTokens == 1 && AttentionMask.VisibleKeys(start, prefixLength, window) == (Math.Max(0, start - window + 1), start + 1))
+            if (newTokens == 1 && AttentionMask.VisibleKeys(start, _prefixLength, window) == (Math.Max(0, start - window + 1), start + 1))
             {
                 // Decode: the query's window is exactly what the ring holds once the new key is in. Slot order differs
                 // from position order, which a softmax does not mind.
                 int slot = start % slots;
-                newKeys.CopyTo(keys[(slot * kvWidth)..]);
-                newValues.CopyTo(values[(slot * kvWidth)..]);
+                backend.Copy(newKeys, keys.Slice(slot * kvWidth, kvWidth));
+                backend.Copy(newValues, values.Slice(slot * kvWidth, kvWidth));
                 _stored = true;
                 if (_slotValid.Length != slots) _slotValid = new byte[slots];
                 for (int s = 0; s < slots; s++)
@@ -286,38 +389,40 @@ public sealed class GemmaDecoder
             // Several tokens after earlier ones: the window behind the first new token, then the new keys, in position order.
             int oldest = Math.Max(0, start - (window - 1));
             int count = end - oldest;
-            if (_scratchKeys.Length < count * kvWidth)
+            if (_scratchKeys is null || _scratchKeys.Length < (long)count * kvWidth)
             {
-                _scratchKeys = new float[count * kvWidth];
-                _scratchValues = new float[count * kvWidth];
+                _scratchKeys?.Dispose();
+                _scratchValues?.Dispose();
+                _scratchKeys = backend.Allocate((long)count * kvWidth);
+                _scratchValues = backend.Allocate((long)count * kvWidth);
             }
             for (int position = oldest; position < start; position++)
             {
                 int slot = position % slots;
-                keys.Slice(slot * kvWidth, kvWidth).CopyTo(_scratchKeys.AsSpan((position - oldest) * kvWidth));
-                values.Slice(slot * kvWidth, kvWidth).CopyTo(_scratchValues.AsSpan((position - oldest) * kvWidth));
+                backend.Copy(keys.Slice(slot * kvWidth, kvWidth), _scratchKeys.Slice((position - oldest) * kvWidth, kvWidth));
+                backend.Copy(values.Slice(slot * kvWidth, kvWidth), _scratchValues!.Slice((position - oldest) * kvWidth, kvWidth));
             }
-            newKeys.CopyTo(_scratchKeys.AsSpan((start - oldest) * kvWidth));
-            newValues.CopyTo(_scratchValues.AsSpan((start - oldest) * kvWidth));
+            backend.Copy(newKeys, _scratchKeys.Slice((start - oldest) * kvWidth, newTokens * kvWidth));
+            backend.Copy(newValues, _scratchValues!.Slice((start - oldest) * kvWidth, newTokens * kvWidth));
             if (_scratchValid.Length < count) _scratchValid = new byte[count];
             valid[oldest..end].CopyTo(_scratchValid);
             SetRanges(window, keyBase: oldest);
-            Use(ref problem, _scratchKeys.AsSpan(0, count * kvWidth), _scratchValues.AsSpan(0, count * kvWidth), count, _scratchValid.AsSpan(0, count));
+            Use(ref problem, _scratchKeys.Slice(0, count * kvWidth), _scratchValues.Slice(0, count * kvWidth), count, _scratchValid.AsSpan(0, count));
         }
 
         /// <summary>After attention: a ring layer keeps the last min(newTokens, slots) new keys (in-place layers already hold them).</summary>
-        public void Store(KvCache cache, int layer, int row, ReadOnlySpan<float> newKeys, ReadOnlySpan<float> newValues)
+        public void Store(KvCache cache, int layer, int row, DeviceSpan newKeys, DeviceSpan newValues)
         {
             if (_stored)
                 return;
             int slots = cache.Slots(layer);
             var keys = cache.Keys(layer, row);
             var values = cache.Values(layer, row);
-            for (int t = Math.Max(0, newTokens - slots); t < newTokens; t++)
+            for (int t = Math.Max(0, _newTokens - slots); t < _newTokens; t++)
             {
-                int slot = (start + t) % slots;
-                newKeys.Slice(t * kvWidth, kvWidth).CopyTo(keys[(slot * kvWidth)..]);
-                newValues.Slice(t * kvWidth, kvWidth).CopyTo(values[(slot * kvWidth)..]);
+                int slot = (_start + t) % slots;
+                backend.Copy(newKeys.Slice(t * kvWidth, kvWidth), keys.Slice(slot * kvWidth, kvWidth));
+                backend.Copy(newValues.Slice(t * kvWidth, kvWidth), values.Slice(slot * kvWidth, kvWidth));
             }
         }
 
@@ -325,9 +430,9 @@ public sealed class GemmaDecoder
         {
             if (_rangesFor == window && _rangesBase == keyBase)
                 return;
-            for (int t = 0; t < newTokens; t++)
+            for (int t = 0; t < _newTokens; t++)
             {
-                var (first, last) = AttentionMask.VisibleKeys(start + t, prefixLength, window);
+                var (first, last) = AttentionMask.VisibleKeys(_start + t, _prefixLength, window);
                 _keyStart[t] = first - keyBase;
                 _keyEnd[t] = last - keyBase;
             }
@@ -335,25 +440,106 @@ public sealed class GemmaDecoder
             _rangesBase = keyBase;
         }
 
-        private void Use(ref AttentionProblem problem, ReadOnlySpan<float> keys, ReadOnlySpan<float> values, int count, ReadOnlySpan<byte> valid)
+        private void Use(ref DeviceAttentionProblem problem, DeviceSpan keys, DeviceSpan values, int count, ReadOnlySpan<byte> valid)
         {
             problem.K = keys;
             problem.V = values;
             problem.Keys = count;
-            problem.KeyStart = _keyStart;
-            problem.KeyEnd = _keyEnd;
+            problem.KeyStart = _keyStart.AsSpan(0, _newTokens);
+            problem.KeyEnd = _keyEnd.AsSpan(0, _newTokens);
             problem.KeyValid = valid;
+        }
+
+        public void Dispose()
+        {
+            _scratchKeys?.Dispose();
+            _scratchValues?.Dispose();
         }
     }
 
-    /// <summary>Logits [rows, vocab] of final-normed hidden states through the tied LM head (Gemma 2: soft-capped in the same pass).</summary>
-    public void Logits(ReadOnlySpan<float> normedHidden, int rows, Span<float> logits)
+    /// <summary>
+    /// Logits [rows, vocab] of final-normed hidden states through the tied LM head (Gemma 2: soft-capped in the same pass).
+    /// <paramref name="cache"/>, when given, lends its workspace to a device backend so repeated calls allocate nothing.
+    /// </summary>
+    public void Logits(ReadOnlySpan<float> normedHidden, int rows, Span<float> logits, KvCache? cache = null)
     {
-        if (_embedQuantized is not null)
-            QuantMatMul.Multiply(normedHidden, rows, _embedQuantized, default, logits, _config.FinalLogitSoftcapping ?? 0f);
-        else if (_config.FinalLogitSoftcapping is { } cap)
-            MatMul.Multiply(normedHidden, rows, _lmHead, default, logits, cap);
+        float cap = _config.FinalLogitSoftcapping ?? 0f;
+        int h = _config.HiddenSize, vocab = _config.VocabSize;
+        if (normedHidden.Length < (long)rows * h) throw new ArgumentException($"hidden holds {normedHidden.Length} floats, {rows * h} needed", nameof(normedHidden));
+        if (logits.Length < (long)rows * vocab) throw new ArgumentException($"logits hold {logits.Length} floats, {(long)rows * vocab} needed", nameof(logits));
+        if (_backend.IsHost)
+        {
+            // The host kernels read the caller's memory directly.
+            LmHeadOperand.MultiplyOnHost(normedHidden[..(rows * h)], rows, default, logits[..(rows * vocab)], cap);
+            return;
+        }
+        DecoderWorkspace? ws = cache is not null && ReferenceEquals(cache.Backend, _backend) ? WorkspaceFor(cache, Math.Max(rows, 1)) : null;
+        DeviceBuffer input = ws is not null && ws.Rows >= rows ? ws.Normed : _backend.Allocate((long)rows * h);
+        DeviceBuffer output;
+        if (ws is not null && ws.Rows >= rows)
+        {
+            if (ws.Logits is null || ws.Logits.Length < (long)rows * vocab)
+            {
+                ws.Logits?.Dispose();
+                ws.Logits = _backend.Allocate((long)rows * vocab);
+            }
+            output = ws.Logits;
+        }
         else
-            MatMul.Multiply(normedHidden, rows, _lmHead, default, logits);
+        {
+            output = _backend.Allocate((long)rows * vocab);
+        }
+        try
+        {
+            _backend.Write(normedHidden[..(rows * h)], input.Slice(0, rows * h));
+            _backend.MatMul(input.Slice(0, rows * h), rows, _residentLmHead!, output.Slice(0, (long)rows * vocab), cap);
+            _backend.Read(output.Slice(0, (long)rows * vocab), logits[..(rows * vocab)]);
+        }
+        finally
+        {
+            if (ws is null || ws.Rows < rows)
+            {
+                input.Dispose();
+                output.Dispose();
+            }
+        }
     }
+
+    // Computed once: the float LM head is a struct, and boxing it per call would allocate on every decode step.
+    private IMatrixOperand LmHeadOperand => _lmHeadOperand ??= _embedQuantized is not null ? _embedQuantized : _lmHead;
+    private IMatrixOperand? _lmHeadOperand;
+
+    /// <summary>The backend the decoder computes on (the CPU unless the model was loaded with another).</summary>
+    public IComputeBackend Backend => _backend;
+
+    /// <summary>Makes every weight and norm resident on <paramref name="backend"/>; called at load, again after merging or quantizing.</summary>
+    internal void Bind(IComputeBackend backend)
+    {
+        foreach (var linear in Linears)
+            linear.Bind(backend);
+        var norms = new ResidentNorms[_layers.Length];
+        for (int i = 0; i < norms.Length; i++)
+        {
+            var l = _layers[i];
+            norms[i] = new ResidentNorms(Resident(backend, l.InputNorm), ResidentOrNull(backend, l.AttentionOutputNorm),
+                Resident(backend, l.FeedForwardInputNorm), ResidentOrNull(backend, l.FeedForwardOutputNorm));
+        }
+        _residentNorms = norms;
+        _residentFinalNorm = Resident(backend, _finalNorm);
+        var previousHead = _residentLmHead;
+        _residentLmHead = backend.IsHost ? null : backend.Upload(LmHeadOperand, default);
+        previousHead?.Dispose();
+        _backend = backend;
+    }
+
+    internal static DeviceBuffer Resident(IComputeBackend backend, float[] values)
+    {
+        var buffer = backend.Allocate(values.Length);
+        backend.Write(values, buffer.Span);
+        return buffer;
+    }
+
+    private static DeviceBuffer? ResidentOrNull(IComputeBackend backend, float[]? values) => values is null ? null : Resident(backend, values);
+
+    private sealed record ResidentNorms(DeviceBuffer Input, DeviceBuffer? AttentionOutput, DeviceBuffer FeedForwardInput, DeviceBuffer? FeedForwardOutput);
 }

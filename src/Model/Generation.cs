@@ -124,11 +124,12 @@ public sealed class PaliGemmaGenerator
         var finished = new bool[batch];
         for (int b = 0; b < batch; b++)
         {
-            generated[b] = [];
+            generated[b] = new List<int>(options.MaxNewTokens);   // sized up front: the decode loop itself allocates nothing
             decoders[b] = new StreamingDecoder(tokenizer);
             if (stepLogits is not null) stepLogits[b] = [];
         }
         var next = new int[batch];
+        timings.DecodeSteps.Capacity = Math.Max(timings.DecodeSteps.Capacity, options.MaxNewTokens);
         for (int step = 0; step < options.MaxNewTokens; step++)
         {
             bool allDone = true;

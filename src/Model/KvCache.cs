@@ -1,7 +1,10 @@
+using PaliGemma.CpuOnly.Kernels.Backends;
+
 namespace PaliGemma.CpuOnly.Model;
 
 /// <summary>
-/// Keys and values of every decoder layer for a batch of sequences, fp32, laid out [layer][row, slot, kvHeads·headDim].
+/// Keys and values of every decoder layer for a batch of sequences, fp32, laid out [layer][row, slot, kvHeads·headDim], in
+/// buffers of the backend the decoder computes on.
 /// <see cref="Valid"/> marks real (non-padding) positions per row; padding keys are never attended.
 /// </summary>
 /// <remarks>
@@ -12,7 +15,7 @@ namespace PaliGemma.CpuOnly.Model;
 /// </remarks>
 public sealed class KvCache
 {
-    private readonly float[][] _keys, _values;
+    private readonly DeviceBuffer[] _keys, _values;
     private readonly int[] _windows, _slots;
 
     /// <summary>A cache whose layers all attend globally (Gemma 1).</summary>
@@ -21,8 +24,14 @@ public sealed class KvCache
     }
 
     /// <param name="layerWindows">Per layer: 0 for global attention, or the sliding window W (the layer keeps min(W, capacity) slots).</param>
-    public KvCache(ReadOnlySpan<int> layerWindows, int batch, int capacity, int kvWidth)
+    public KvCache(ReadOnlySpan<int> layerWindows, int batch, int capacity, int kvWidth) : this(layerWindows, batch, capacity, kvWidth, CpuBackend.Instance)
     {
+    }
+
+    /// <param name="backend">Where the keys and values live (the backend the decoder computes on).</param>
+    public KvCache(ReadOnlySpan<int> layerWindows, int batch, int capacity, int kvWidth, IComputeBackend backend)
+    {
+        ArgumentNullException.ThrowIfNull(backend);
         if (layerWindows.IsEmpty) throw new ArgumentException("a cache needs at least one layer", nameof(layerWindows));
         if (batch <= 0) throw new ArgumentOutOfRangeException(nameof(batch), batch, "batch must be positive");
         if (capacity <= 0) throw new ArgumentOutOfRangeException(nameof(capacity), capacity, "capacity must be positive");
@@ -32,8 +41,9 @@ public sealed class KvCache
         int layers = layerWindows.Length;
         _windows = layerWindows.ToArray();
         _slots = new int[layers];
-        _keys = new float[layers][];
-        _values = new float[layers][];
+        _keys = new DeviceBuffer[layers];
+        _values = new DeviceBuffer[layers];
+        Backend = backend;
         for (int l = 0; l < layers; l++)
         {
             if (_windows[l] < 0) throw new ArgumentOutOfRangeException(nameof(layerWindows), _windows[l], $"layer {l}: a sliding window must be positive (0 = global)");
@@ -41,12 +51,13 @@ public sealed class KvCache
             long perLayer = (long)batch * _slots[l] * kvWidth;
             if (perLayer > Array.MaxLength)
                 throw new ArgumentOutOfRangeException(nameof(capacity), capacity, $"a KV cache of {batch} row(s) x {_slots[l]} positions x {kvWidth} floats is too large for one layer");
-            _keys[l] = new float[perLayer];
-            _values[l] = new float[perLayer];
+            _keys[l] = backend.Allocate(perLayer);
+            _values[l] = backend.Allocate(perLayer);
         }
         Valid = new byte[batch * capacity];
     }
 
+    public IComputeBackend Backend { get; }
     public int Batch { get; }
     /// <summary>Positions a sequence may reach.</summary>
     public int Capacity { get; }
@@ -65,7 +76,7 @@ public sealed class KvCache
         get
         {
             long total = 0;
-            foreach (var k in _keys) total += 2L * k.LongLength * sizeof(float);
+            foreach (var k in _keys) total += 2L * k.Length * sizeof(float);
             return total;
         }
     }
@@ -79,8 +90,11 @@ public sealed class KvCache
     /// <summary>True when <paramref name="layer"/> keeps a ring of slots (position p in slot p mod Slots) rather than every position.</summary>
     public bool IsRing(int layer) => _slots[layer] < Capacity;
 
-    internal Span<float> Keys(int layer, int row) => _keys[layer].AsSpan(row * _slots[layer] * KvWidth, _slots[layer] * KvWidth);
-    internal Span<float> Values(int layer, int row) => _values[layer].AsSpan(row * _slots[layer] * KvWidth, _slots[layer] * KvWidth);
+    internal DeviceSpan Keys(int layer, int row) => _keys[layer].Slice((long)row * _slots[layer] * KvWidth, (long)_slots[layer] * KvWidth);
+    internal DeviceSpan Values(int layer, int row) => _values[layer].Slice((long)row * _slots[layer] * KvWidth, (long)_slots[layer] * KvWidth);
+
+    /// <summary>The decoder's reusable activation buffers for this cache (so a decode step allocates nothing); owned by <see cref="GemmaDecoder"/>.</summary>
+    internal object? Workspace { get; set; }
     internal ReadOnlySpan<byte> ValidRow(int row) => Valid.AsSpan(row * Capacity, Capacity);
 
     public void Reset()

@@ -1,4 +1,5 @@
 using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Kernels.Backends;
 using PaliGemma.CpuOnly.Model.Lora;
 using PaliGemma.CpuOnly.Quant;
 using PaliGemma.CpuOnly.Tensors;
@@ -14,6 +15,8 @@ public sealed class Linear
     private Array? _ownedWeight;
     // The weight in q8/nf4 blocks (mapped from a quantized checkpoint or quantized at load); when set, _weight is unused.
     private QuantizedMatrix? _quantized;
+    // The weight (and bias) as the compute backend holds it; made by Bind once the weight is final (after merging/quantizing).
+    private ResidentMatrix? _resident;
 
     public Linear(WeightMatrix weight, float[]? bias) : this(weight, bias, "") { }
 
@@ -44,6 +47,30 @@ public sealed class Linear
     public string Name { get; }
     /// <summary>True when a LoRA adapter was merged at load into a private copy of the weight (in the checkpoint's dtype).</summary>
     public bool HasMergedWeight => _ownedWeight is not null;
+
+    /// <summary>The weight as seen by the kernels: the float matrix or the quantized one.</summary>
+    public IMatrixOperand Operand => _quantized is not null ? _quantized : (IMatrixOperand)_weight;
+
+    /// <summary>Makes the current weight and bias resident on <paramref name="backend"/> (again after a merge or quantization).</summary>
+    internal void Bind(IComputeBackend backend)
+    {
+        var previous = _resident;
+        _resident = backend.Upload(Operand, _bias);
+        previous?.Dispose();
+    }
+
+    /// <summary>y = x·Wᵀ + b on the backend the layer is bound to, plus the low-rank term of <paramref name="adapter"/> when it adapts this layer.</summary>
+    internal void Forward(IComputeBackend backend, DeviceSpan x, int rows, DeviceSpan y, LoraAdapter? adapter)
+    {
+        var resident = _resident is { } r && ReferenceEquals(r.Backend, backend) ? r
+            : throw new InvalidOperationException($"'{Name}' is not resident on '{backend.Name}'");
+        backend.MatMul(x, rows, resident, y);
+        if (adapter is null || AdapterSlot < 0 || adapter.ModuleAt(AdapterSlot) is not { } module)
+            return;
+        if (!backend.IsHost)
+            throw new NotSupportedException($"run-time LoRA adapter '{adapter.Directory}' needs the CPU backend; on '{backend.Name}' merge it at load (PaliGemmaLoadOptions.MergeAdapterDirectory, --merge-adapter)");
+        module.AddDelta(x.HostSpan[..(rows * InFeatures)], rows, y.HostSpan[..(rows * OutFeatures)]);
+    }
 
     /// <summary>Index of this layer among the model's adaptable layers; LoRA adapters look their modules up by it (-1: not adaptable).</summary>
     internal int AdapterSlot { get; set; } = -1;

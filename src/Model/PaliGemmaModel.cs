@@ -129,6 +129,8 @@ public sealed class PaliGemmaModel : IDisposable
                 model.MergedAdapter = adapter;
             }
             model.ApplyQuantization(checkpoint, options.QuantizeTo);
+            if (options.Backend is { } backend && !ReferenceEquals(backend, Kernels.Backends.CpuBackend.Instance) || model.MergedAdapter is not null || model.Quantization is not null)
+                model.Bind(options.Backend ?? Kernels.Backends.CpuBackend.Instance);
             model.LoadTime = clock.Elapsed;
             return model;
         }
@@ -137,6 +139,17 @@ public sealed class PaliGemmaModel : IDisposable
             checkpoint.Dispose();
             throw;
         }
+    }
+
+    /// <summary>Where the model computes (<see cref="PaliGemmaLoadOptions.Backend"/>; the CPU by default).</summary>
+    public Kernels.Backends.IComputeBackend Backend => Decoder.Backend;
+
+    /// <summary>Makes the final weights resident on <paramref name="backend"/> (after any merge or quantization).</summary>
+    private void Bind(Kernels.Backends.IComputeBackend backend)
+    {
+        Vision.Bind(backend);
+        Projector.Bind(backend);
+        Decoder.Bind(backend);
     }
 
     /// <summary>The format of the Linear layers: stored in the checkpoint or chosen at load; null for float weights.</summary>
@@ -216,5 +229,6 @@ public sealed class PaliGemmaModel : IDisposable
 
     internal Linear AdaptableLinear(int slot) => _adaptableLinears[slot];
 
+    /// <summary>Releases the mapped checkpoint. A device backend passed in the options stays the caller's to dispose.</summary>
     public void Dispose() => _checkpoint.Dispose();
 }

@@ -129,13 +129,13 @@ public sealed class PaliGemmaSession
         decoder.Forward(hidden, tokens, positions, _cache, options?.PrefixLength ?? tokens, options?.Observer, cancellationToken, Adapter, options?.Progress);
         if (logitRows == rows)
         {
-            decoder.Logits(hidden, rows, logits);
+            decoder.Logits(hidden, rows, logits, _cache);
         }
         else
         {
             var last = new float[batch * h];
             for (int b = 0; b < batch; b++) hidden.AsSpan(((b + 1) * tokens - 1) * h, h).CopyTo(last.AsSpan(b * h));
-            decoder.Logits(last, batch, logits);
+            decoder.Logits(last, batch, logits, _cache);
         }
     }
 
@@ -160,7 +160,7 @@ public sealed class PaliGemmaSession
             decoder.EmbedToken(nextTokens[b], _decodeHidden.AsSpan(b * h, h));
         }
         decoder.Forward(_decodeHidden, 1, _decodePositions, _cache, prefixLength: 0, observer: null, cancellationToken, Adapter);
-        decoder.Logits(_decodeHidden, batch, logits);
+        decoder.Logits(_decodeHidden, batch, logits, _cache);
     }
 
     public void Reset()

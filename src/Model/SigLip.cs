@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Kernels.Backends;
 using PaliGemma.CpuOnly.Model.Lora;
 using PaliGemma.CpuOnly.Tensors;
 
@@ -18,6 +19,9 @@ public sealed class SigLipVisionTower
     private readonly float[] _positionEmbedding;  // [patches, hidden]
     private readonly EncoderLayer[] _layers;
     private readonly float[] _postNormWeight, _postNormBias;
+    private IComputeBackend _backend = CpuBackend.Instance;
+    private ResidentNorms[] _residentNorms = [];
+    private DeviceBuffer? _residentPositions, _residentPostNormWeight, _residentPostNormBias;
 
     private sealed record EncoderLayer(
         float[] Norm1Weight, float[] Norm1Bias, Linear Q, Linear K, Linear V, Linear Out,
@@ -50,6 +54,7 @@ public sealed class SigLipVisionTower
         }
         _postNormWeight = SmallTensors.Load(checkpoint, Prefix + "post_layernorm.weight", d);
         _postNormBias = SmallTensors.Load(checkpoint, Prefix + "post_layernorm.bias", d);
+        Bind(CpuBackend.Instance);
     }
 
     public VisionConfig Config => _config;
@@ -76,53 +81,91 @@ public sealed class SigLipVisionTower
             throw new ArgumentException($"LoRA adapter '{adapter.Directory}' was loaded for another model", nameof(adapter));
 
         int rows = images * tokens, inner = _config.IntermediateSize;
+        var backend = _backend;
         float[] patches = new float[rows * 3 * _config.PatchSize * _config.PatchSize];
         Unfold(pixelValues, images, patches);
-        Span<float> h = output;
-        _patchEmbedding.Forward(patches, rows, h);
-        for (int b = 0; b < images; b++)
-            TensorPrimitives.Add(h.Slice(b * tokens * d, tokens * d), _positionEmbedding, h.Slice(b * tokens * d, tokens * d));
+        using var patchBuffer = backend.Allocate(patches.Length);
+        using var hBuffer = backend.Allocate((long)rows * d);
+        using var normedBuffer = backend.Allocate((long)rows * d);
+        using var qBuffer = backend.Allocate((long)rows * d);
+        using var kBuffer = backend.Allocate((long)rows * d);
+        using var vBuffer = backend.Allocate((long)rows * d);
+        using var attnBuffer = backend.Allocate((long)rows * d);
+        using var mlpBuffer = backend.Allocate((long)rows * inner);
+        DeviceSpan h = hBuffer.Span, normed = normedBuffer.Span, q = qBuffer.Span, k = kBuffer.Span, v = vBuffer.Span;
+        DeviceSpan attn = attnBuffer.Span, mlp = mlpBuffer.Span;
 
-        float[] normed = new float[rows * d], q = new float[rows * d], k = new float[rows * d], v = new float[rows * d];
-        float[] attn = new float[rows * d], mlp = new float[rows * inner];
+        backend.Write(patches, patchBuffer.Span);
+        _patchEmbedding.Forward(backend, patchBuffer.Span, rows, h, null);
+        for (int b = 0; b < images; b++)
+            backend.Add(h.Slice(b * tokens * d, tokens * d), _residentPositions!.Span, h.Slice(b * tokens * d, tokens * d));
+
         int heads = _config.NumAttentionHeads, headDim = _config.HeadDim;
         int[] keyStart = new int[tokens], keyEnd = new int[tokens];
         Array.Fill(keyEnd, tokens);
         float scale = 1f / MathF.Sqrt(headDim);
+        float eps = _config.LayerNormEps;
 
-        int layersDone = 0;
-        foreach (var layer in _layers)
+        for (int li = 0; li < _layers.Length; li++)
         {
             cancellationToken.ThrowIfCancellationRequested();
-            Norms.LayerNorm(h, normed, rows, d, layer.Norm1Weight, layer.Norm1Bias, _config.LayerNormEps);
-            layer.Q.Forward(normed, rows, q, adapter);
-            layer.K.Forward(normed, rows, k, adapter);
-            layer.V.Forward(normed, rows, v, adapter);
+            var layer = _layers[li];
+            var norms = _residentNorms[li];
+            backend.LayerNorm(h, normed, rows, d, norms.Norm1Weight.Span, norms.Norm1Bias.Span, eps);
+            layer.Q.Forward(backend, normed, rows, q, adapter);
+            layer.K.Forward(backend, normed, rows, k, adapter);
+            layer.V.Forward(backend, normed, rows, v, adapter);
             for (int b = 0; b < images; b++)
             {
                 int off = b * tokens * d;
-                var problem = new AttentionProblem
+                var problem = new DeviceAttentionProblem
                 {
-                    Q = q.AsSpan(off, tokens * d), QRowStride = d, Queries = tokens,
-                    K = k.AsSpan(off, tokens * d), V = v.AsSpan(off, tokens * d), KvRowStride = d, Keys = tokens,
+                    Q = q.Slice(off, tokens * d), QRowStride = d, Queries = tokens,
+                    K = k.Slice(off, tokens * d), V = v.Slice(off, tokens * d), KvRowStride = d, Keys = tokens,
                     Heads = heads, KvHeads = heads, HeadDim = headDim, Scale = scale,
                     KeyStart = keyStart, KeyEnd = keyEnd,
-                    Output = attn.AsSpan(off, tokens * d),
+                    Output = attn.Slice(off, tokens * d),
                 };
-                Attention.Forward(problem);
+                backend.Attention(problem);
             }
-            layer.Out.Forward(attn, rows, normed, adapter);
-            TensorPrimitives.Add(h, normed, h);
+            layer.Out.Forward(backend, attn, rows, normed, adapter);
+            backend.Add(h, normed, h);
 
-            Norms.LayerNorm(h, normed, rows, d, layer.Norm2Weight, layer.Norm2Bias, _config.LayerNormEps);
-            layer.Fc1.Forward(normed, rows, mlp, adapter);
-            Activations.GeluTanh(mlp, mlp);
-            layer.Fc2.Forward(mlp, rows, normed, adapter);
-            TensorPrimitives.Add(h, normed, h);
-            progress?.Report(new InferenceProgress("vision", ++layersDone, _layers.Length));
+            backend.LayerNorm(h, normed, rows, d, norms.Norm2Weight.Span, norms.Norm2Bias.Span, eps);
+            layer.Fc1.Forward(backend, normed, rows, mlp, adapter);
+            backend.GeluTanh(mlp, mlp);
+            layer.Fc2.Forward(backend, mlp, rows, normed, adapter);
+            backend.Add(h, normed, h);
+            progress?.Report(new InferenceProgress("vision", li + 1, _layers.Length));
         }
-        Norms.LayerNorm(h, h, rows, d, _postNormWeight, _postNormBias, _config.LayerNormEps);
+        backend.LayerNorm(h, h, rows, d, _residentPostNormWeight!.Span, _residentPostNormBias!.Span, eps);
+        backend.Read(h, output);
     }
+
+    /// <summary>The backend the tower computes on.</summary>
+    public IComputeBackend Backend => _backend;
+
+    /// <summary>Makes every weight and norm resident on <paramref name="backend"/>; called at load, again after merging or quantizing.</summary>
+    internal void Bind(IComputeBackend backend)
+    {
+        _patchEmbedding.Bind(backend);
+        foreach (var linear in Linears)
+            linear.Bind(backend);
+        var norms = new ResidentNorms[_layers.Length];
+        for (int i = 0; i < norms.Length; i++)
+        {
+            var l = _layers[i];
+            norms[i] = new ResidentNorms(GemmaDecoder.Resident(backend, l.Norm1Weight), GemmaDecoder.Resident(backend, l.Norm1Bias),
+                GemmaDecoder.Resident(backend, l.Norm2Weight), GemmaDecoder.Resident(backend, l.Norm2Bias));
+        }
+        _residentNorms = norms;
+        _residentPositions = GemmaDecoder.Resident(backend, _positionEmbedding);
+        _residentPostNormWeight = GemmaDecoder.Resident(backend, _postNormWeight);
+        _residentPostNormBias = GemmaDecoder.Resident(backend, _postNormBias);
+        _backend = backend;
+    }
+
+    private sealed record ResidentNorms(DeviceBuffer Norm1Weight, DeviceBuffer Norm1Bias, DeviceBuffer Norm2Weight, DeviceBuffer Norm2Bias);
 
     /// <summary>Lays each P×P patch out as one row in the conv weight's (channel, y, x) order, patches in raster order.</summary>
     private void Unfold(ReadOnlySpan<float> pixels, int images, Span<float> patches)
@@ -149,13 +192,35 @@ public sealed class MultiModalProjector
 {
     private readonly Linear _linear;
 
-    public MultiModalProjector(int visionHidden, int projectionDim, SafetensorsCheckpoint checkpoint) =>
+    public MultiModalProjector(int visionHidden, int projectionDim, SafetensorsCheckpoint checkpoint)
+    {
         _linear = Linear.Load(checkpoint, "multi_modal_projector.linear", visionHidden, projectionDim, hasBias: true);
+        Bind(CpuBackend.Instance);
+    }
 
     public int OutFeatures => _linear.OutFeatures;
 
     internal Linear Linear => _linear;
 
-    public void Forward(ReadOnlySpan<float> visionStates, int rows, Span<float> output, LoraAdapter? adapter = null) =>
-        _linear.Forward(visionStates, rows, output, adapter);
+    public void Forward(ReadOnlySpan<float> visionStates, int rows, Span<float> output, LoraAdapter? adapter = null)
+    {
+        if (_backend.IsHost)
+        {
+            _linear.Forward(visionStates, rows, output, adapter);
+            return;
+        }
+        using var input = _backend.Allocate((long)rows * _linear.InFeatures);
+        using var result = _backend.Allocate((long)rows * _linear.OutFeatures);
+        _backend.Write(visionStates[..(rows * _linear.InFeatures)], input.Span);
+        _linear.Forward(_backend, input.Span, rows, result.Span, adapter);
+        _backend.Read(result.Span, output[..(rows * _linear.OutFeatures)]);
+    }
+
+    private IComputeBackend _backend = CpuBackend.Instance;
+
+    internal void Bind(IComputeBackend backend)
+    {
+        _linear.Bind(backend);
+        _backend = backend;
+    }
 }

@@ -132,7 +132,7 @@ public static class QuantizedCheckpoint
         if (FormatOf(checkpoint) is { } already)
             throw new InvalidDataException($"'{sourceDirectory}' is already quantized ({already.Name()}); quantize from the float checkpoint");
         Directory.CreateDirectory(outputDirectory);
-        var writer = new SafetensorsWriter(Metadata(format));
+        var writer = new SafetensorsWriter(Metadata(format)) { AlignToCacheLines = true };
         // The quantized matrices are held until the file is written (output size: about 1.1 or 0.56 bytes per weight).
         var held = new List<QuantizedMatrix>();
         foreach (string name in checkpoint.TensorNames.OrderBy(static n => n, StringComparer.Ordinal))

@@ -32,7 +32,7 @@ public static class BatchCommand
         MaskDecoder? decoder = vae is null ? null : TaskSupport.LoadMaskDecoder(vae, "batch");
 
         TaskSupport.Progress(quiet, $"loading {modelDir}");
-        using var model = PaliGemmaModel.Load(modelDir, tokenizer);
+        using var model = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, Backend = CliBackend.Current });
         TaskSupport.Progress(quiet, $"loaded in {model.LoadTime.TotalMilliseconds:F0} ms; {total} lines");
         var tasks = new PaliGemmaTasks(model, decoder);
 

@@ -71,6 +71,7 @@ public static class BenchCommand
             TokenizerPath = tokenizerPath,
             QuantizeTo = quantizeTo,
             MergeAdapterDirectory = mergeAdapter ? adapterDir : null,
+            Backend = CliBackend.Current,
         });
         double loadSeconds = model.LoadTime.TotalSeconds;
         long weightBytesPerToken = model.Quantization is null
@@ -107,7 +108,7 @@ public static class BenchCommand
         if (compareMerged)
         {
             Progress($"interleaved: loading {modelDir} with {adapterDir} merged, then rotating decode steps: run-time adapter, merged, base");
-            using var merged = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath, MergeAdapterDirectory = adapterDir });
+            using var merged = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath, MergeAdapterDirectory = adapterDir, Backend = CliBackend.Current });
             interleaved = Interleave(model, runtimeAdapter!, merged, imagePath, prompt, newTokens, runs, Progress);
             Progress(string.Create(CultureInfo.InvariantCulture,
                 $"interleaved: run time {interleaved.RuntimeMedianStepSeconds * 1000:F1} ms/token, merged {interleaved.MergedMedianStepSeconds * 1000:F1}, base {interleaved.BaseMedianStepSeconds * 1000:F1} (medians of {interleaved.Steps} steps each), run time / merged {interleaved.Ratio:F3}"));
@@ -291,6 +292,7 @@ public static class BenchCommand
         // Greedy, ignoring <eos>: a random model may emit it at any step, and every run must decode the same number of tokens.
         int[] next = [TensorPrimitives.IndexOfMax(logits)];
         var stepClock = new Stopwatch();
+        t.DecodeStepSeconds.Capacity = newTokens;   // the timing list must not allocate inside the measured loop
         long allocatedBefore = GC.GetTotalAllocatedBytes(precise: true);
         long threadBefore = GC.GetAllocatedBytesForCurrentThread();
         for (int step = 1; step < newTokens; step++)

@@ -159,7 +159,7 @@ public static class ColdStartCommand
         bool noFirstToken = a.Flag("no-first-token");
         a.RejectUnknown();
 
-        using var model = PaliGemmaModel.Load(modelDir, tokenizerPath);
+        using var model = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath, Backend = CliBackend.Current });
         long ready = Stopwatch.GetTimestamp();
         long? rssReady = ProcessStats.PeakResidentBytes();
 

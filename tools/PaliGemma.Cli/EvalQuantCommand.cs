@@ -34,7 +34,7 @@ public static class EvalQuantCommand
         var image = ImageLoader.Load(imagePath);
         int[] promptIds, generated;
         float[] referenceLogits;
-        using (var reference = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizer }))
+        using (var reference = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, Backend = CliBackend.Current }))
         {
             if (!quiet) Console.Error.WriteLine($"[eval-quant] reference: {modelDir}, greedy {newTokens} tokens");
             var result = new PaliGemmaGenerator(reference).Generate(new GenerationRequest(image, prompt), new GenerationOptions { MaxNewTokens = newTokens });
@@ -44,7 +44,7 @@ public static class EvalQuantCommand
             referenceLogits = QuantizationAccuracy.TeacherForcedLogits(reference, features, promptIds, generated);
         }
 
-        using var quantized = PaliGemmaModel.Load(quantizedDir ?? modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, QuantizeTo = format });
+        using var quantized = PaliGemmaModel.Load(quantizedDir ?? modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, QuantizeTo = format, Backend = CliBackend.Current });
         if (quantized.Quantization is null)
             throw new InvalidDataException($"'{quantizedDir}' is not a quantized checkpoint (no {QuantizedCheckpoint.FormatKey} metadata)");
         if (!quiet) Console.Error.WriteLine($"[eval-quant] quantized: {quantized.Directory} ({quantized.Quantization.Value.Name()}), teacher-forced");

@@ -52,6 +52,7 @@ public static class GenerateCommand
             TokenizerPath = tokenizer,
             MergeAdapterDirectory = mergeAdapter ? adapterDir : null,
             QuantizeTo = dtype is null ? null : QuantizeCommand.ParseFormat(dtype, "--dtype"),
+            Backend = CliBackend.Current,
         });
         if (adapterDir is not null && !mergeAdapter) options = options with { Adapter = model.LoadAdapter(adapterDir) };
         var clock = Stopwatch.StartNew();

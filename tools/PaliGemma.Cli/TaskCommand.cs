@@ -64,7 +64,7 @@ public static class TaskCommand
         var image = ImageLoader.Load(imagePath);
         var imageTime = clock.Elapsed;
         TaskSupport.Progress(quiet, $"loading {modelDir}");
-        using var model = PaliGemmaModel.Load(modelDir, tokenizer);
+        using var model = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, Backend = CliBackend.Current });
         TaskSupport.Progress(quiet, $"loaded in {model.LoadTime.TotalMilliseconds:F0} ms; image {image.Width}x{image.Height}; {prompt}");
 
         var tasks = new PaliGemmaTasks(model, decoder);

@@ -23,7 +23,7 @@ internal static class QuantizedSynthesis
     public static long Write(IReadOnlyList<SyntheticTensor> tensors, string path, QuantFormat format, SyntheticCheckpointOptions options,
         Action<long> onWritten, CancellationToken cancellationToken)
     {
-        var writer = new SafetensorsWriter(QuantizedCheckpoint.Metadata(format));
+        var writer = new SafetensorsWriter(QuantizedCheckpoint.Metadata(format)) { AlignToCacheLines = true };
         long total = 0;
         foreach (var tensor in tensors.OrderBy(static t => t.Name, StringComparer.Ordinal))
         {

@@ -123,7 +123,7 @@ public static class SyntheticCheckpoint
         for (int s = 0; s < shards.Count; s++)
         {
             string fileName = ShardFileName(s, shards.Count);
-            var writer = new SafetensorsWriter(new Dictionary<string, string> { ["format"] = "pt" });
+            var writer = new SafetensorsWriter(new Dictionary<string, string> { ["format"] = "pt" }) { AlignToCacheLines = true };
             foreach (var tensor in shards[s])
             {
                 var t = tensor;

@@ -74,7 +74,7 @@ public sealed unsafe class SafetensorsWriterTests
         byte[] bytes = stream.ToArray();
 
         long headerLength = (long)BinaryPrimitives.ReadUInt64LittleEndian(bytes);
-        Assert.Equal(0, headerLength % 8);
+        Assert.Equal(0, (8 + headerLength) % 64);   // the data block starts on a cache line
         long dataLength = bytes.Length - 8 - headerLength;
         using var header = JsonDocument.Parse(bytes.AsMemory(8, (int)headerLength));
         var spans = header.RootElement.EnumerateObject()
@@ -90,6 +90,29 @@ public sealed unsafe class SafetensorsWriterTests
             next = offsets[1];
         }
         Assert.Equal(dataLength, next);
+    }
+
+    [Fact]
+    public void WriteTo_PutsCacheLineSizedTensorsOnCacheLines()
+    {
+        // Odd-sized tensors of one element size go after the ones whose length is a multiple of 64 bytes, so those all start on
+        // a 64-byte boundary of the file, whatever order they were added in.
+        var writer = new SafetensorsWriter { AlignToCacheLines = true };
+        writer.Add("odd_a", DType.BF16, [7], new byte[14]);
+        writer.Add("line_a", DType.BF16, [64], new byte[128]);
+        writer.Add("odd_b", DType.F32, [3], new byte[12]);
+        writer.Add("line_b", DType.F32, [48], new byte[192]);
+        writer.Add("line_c", DType.BF16, [2, 32], new byte[128]);
+        using var stream = new MemoryStream();
+        writer.WriteTo(stream);
+        byte[] bytes = stream.ToArray();
+        long headerLength = (long)BinaryPrimitives.ReadUInt64LittleEndian(bytes);
+        using var header = JsonDocument.Parse(bytes.AsMemory(8, (int)headerLength));
+        foreach (var name in new[] { "line_a", "line_b", "line_c" })
+        {
+            long start = header.RootElement.GetProperty(name).GetProperty("data_offsets")[0].GetInt64();
+            Assert.True((8 + headerLength + start) % 64 == 0, $"{name} starts at file offset {8 + headerLength + start}");
+        }
     }
 
     [Fact]

@@ -40,7 +40,7 @@ internal sealed class InferenceEngine : IDisposable
         _loading = Task.Run(() =>
         {
             var masks = options.VaePath is null ? null : MaskDecoder.Load(options.VaePath);
-            var model = PaliGemmaModel.Load(options.ModelDirectory, options.TokenizerPath);
+            var model = PaliGemmaModel.Load(options.ModelDirectory, new PaliGemmaLoadOptions { TokenizerPath = options.TokenizerPath, Backend = CliBackend.Current });
             return (model, masks);
         });
     }

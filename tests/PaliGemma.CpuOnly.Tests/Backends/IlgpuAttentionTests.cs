@@ -1,0 +1,147 @@
+using FsCheck;
+using FsCheck.Fluent;
+using FsCheck.Xunit;
+using PaliGemma.CpuOnly.Kernels.Backends;
+using PaliGemma.CpuOnly.Tests.Kernels;
+using static PaliGemma.CpuOnly.Tests.Kernels.KernelTestSupport;
+
+namespace PaliGemma.CpuOnly.Tests.Backends;
+
+public sealed record DeviceAttentionCase(
+    int Queries, int Keys, int Heads, int KvHeads, int HeadDim, int QSlack, int KvSlack,
+    MaskKind Mask, bool Padding, float SoftCap, float Scale, int Seed);
+
+public static class DeviceAttentionArbitraries
+{
+    public static Arbitrary<DeviceAttentionCase> Cases() => Arb.From(
+        from queries in Gen.Choose(1, 6)
+        from keys in Gen.Frequency((1, Gen.Constant(0)), (6, Gen.Choose(1, 40)))
+        from heads in Gen.Elements((1, 1), (3, 3), (2, 2), (4, 2), (6, 3), (4, 1), (5, 1))
+        from headDim in Gen.Choose(1, 40)
+        from qSlack in Gen.Choose(0, 3)
+        from kvSlack in Gen.Choose(0, 3)
+        from mask in Gen.Elements(MaskKind.Full, MaskKind.PrefixCausal, MaskKind.SlidingWindow, MaskKind.Random)
+        from padding in Gen.Elements(true, false)
+        from softCap in Gen.Elements(0f, 0f, 1.5f, 5f, 50f)
+        from scale in Gen.Elements(0.125f, 0.35f, 1f, 2f)
+        from seed in Seeds
+        select new DeviceAttentionCase(queries, keys, heads.Item1, heads.Item2, headDim, qSlack, kvSlack, mask, padding, softCap, scale, seed));
+}
+
+[Collection(nameof(IlgpuCollection))]
+public sealed class IlgpuAttentionTests(IlgpuFixture fixture)
+{
+    [Property(Arbitrary = [typeof(DeviceAttentionArbitraries)], MaxTest = 60)]
+    public void Attention_matches_double_softmax_reference(DeviceAttentionCase c) => Check(fixture.Backend, c);
+
+    // Many key tiles per query (4 lanes), HeadDim beyond the lanes, grouped-query heads, then the same shapes with
+    // other ranges (the range upload is cached by content).
+    [Theory]
+    [InlineData(5, 70, 4, 2, 72, MaskKind.PrefixCausal, 0f)]
+    [InlineData(5, 70, 4, 2, 72, MaskKind.SlidingWindow, 50f)]
+    [InlineData(2, 33, 8, 1, 256, MaskKind.Full, 30f)]
+    public void Attention_matches_reference_on_multi_tile_problems(int queries, int keys, int heads, int kvHeads, int headDim, MaskKind mask, float softCap) =>
+        Check(fixture.Backend, new DeviceAttentionCase(queries, keys, heads, kvHeads, headDim, 1, 2, mask, true, softCap, 1f / MathF.Sqrt(headDim), queries + keys + (int)mask));
+
+    internal static void Check(IComputeBackend backend, DeviceAttentionCase c)
+    {
+        var random = new Random(c.Seed);
+        int d = c.HeadDim;
+        int qStride = c.Heads * d + c.QSlack, kvStride = c.KvHeads * d + c.KvSlack;
+        float[] q = RandomFloats(random, c.Queries * qStride, -1.5f, 1.5f);
+        float[] k = RandomFloats(random, c.Keys * kvStride, -1.5f, 1.5f);
+        float[] v = RandomFloats(random, c.Keys * kvStride, -2f, 2f);
+        var (start, end) = MakeRanges(c, random);
+        byte[] valid = c.Padding ? Enumerable.Range(0, c.Keys).Select(_ => (byte)(random.Next(5) == 0 ? 0 : 1 + random.Next(3))).ToArray() : [];
+        using var scope = new DeviceScope(backend);
+        var output = scope.Upload(new float[c.Queries * c.Heads * d].Select(_ => float.NaN).ToArray(), 1);
+
+        var problem = new DeviceAttentionProblem
+        {
+            Q = scope.Upload(q, 2), QRowStride = qStride, Queries = c.Queries,
+            K = c.Keys > 0 ? scope.Upload(k, 1) : default, V = c.Keys > 0 ? scope.Upload(v) : default,
+            KvRowStride = kvStride, Keys = c.Keys,
+            Heads = c.Heads, KvHeads = c.KvHeads, HeadDim = d,
+            Scale = c.Scale, LogitSoftCap = c.SoftCap,
+            KeyStart = start, KeyEnd = end, KeyValid = valid,
+            Output = output,
+        };
+        backend.Attention(problem);
+        float[] result = scope.Download(output);
+
+        int group = c.Heads / c.KvHeads;
+        var weights = new double[c.Keys];
+        for (int i = 0; i < c.Queries; i++)
+        {
+            for (int h = 0; h < c.Heads; h++)
+            {
+                int g = h / group;
+                double max = double.NegativeInfinity;
+                for (int j = 0; j < c.Keys; j++)
+                {
+                    weights[j] = double.NegativeInfinity;
+                    if (j < start[i] || j >= end[i] || (c.Padding && valid[j] == 0))
+                        continue;
+                    double score = 0;
+                    for (int e = 0; e < d; e++)
+                        score += (double)q[i * qStride + h * d + e] * k[j * kvStride + g * d + e];
+                    score *= c.Scale;
+                    if (c.SoftCap > 0)
+                        score = c.SoftCap * Math.Tanh(score / c.SoftCap);
+                    weights[j] = score;
+                    max = Math.Max(max, score);
+                }
+                double total = 0;
+                for (int j = 0; j < c.Keys; j++)
+                {
+                    weights[j] = double.IsNegativeInfinity(weights[j]) ? 0 : Math.Exp(weights[j] - max);
+                    total += weights[j];
+                }
+                for (int e = 0; e < d; e++)
+                {
+                    double expected = 0, magnitude = 0;
+                    for (int j = 0; j < c.Keys; j++)
+                    {
+                        if (weights[j] == 0) continue;
+                        expected += weights[j] / total * v[j * kvStride + g * d + e];
+                        magnitude = Math.Max(magnitude, Math.Abs(v[j * kvStride + g * d + e]));
+                    }
+                    float actual = result[i * c.Heads * d + h * d + e];
+                    if (total == 0)
+                        Assert.True(actual == 0f, $"query {i} head {h} sees no key and must be 0, got {actual}");
+                    else
+                        AssertClose(expected, actual, 1e-5 * magnitude, $"out[query {i}, head {h}, {e}] ({c})");
+                }
+            }
+        }
+    }
+
+    private static (int[] Start, int[] End) MakeRanges(DeviceAttentionCase c, Random random)
+    {
+        var start = new int[c.Queries];
+        var end = new int[c.Queries];
+        int prefix = random.Next(0, c.Keys + 1);
+        int window = random.Next(1, 40);
+        for (int i = 0; i < c.Queries; i++)
+        {
+            // Queries are the last positions of the key sequence (prefill of a suffix, or decode).
+            int position = c.Keys - c.Queries + i;
+            switch (c.Mask)
+            {
+                case MaskKind.Full:
+                    start[i] = 0; end[i] = c.Keys;
+                    break;
+                case MaskKind.PrefixCausal:
+                    start[i] = 0; end[i] = Math.Clamp(Math.Max(prefix, position + 1), 0, c.Keys);
+                    break;
+                case MaskKind.SlidingWindow:
+                    end[i] = Math.Clamp(position + 1, 0, c.Keys); start[i] = Math.Max(0, end[i] - window);
+                    break;
+                default:
+                    start[i] = random.Next(0, c.Keys + 1); end[i] = random.Next(0, c.Keys + 1);
+                    break;
+            }
+        }
+        return (start, end);
+    }
+}
