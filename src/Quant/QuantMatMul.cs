@@ -7,10 +7,30 @@ using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Quant;
 
+/// <summary>Which kernel multiplies many x rows (prefill, vision) by q8 weights.</summary>
+public enum QuantPrefillKernel
+{
+    /// <summary>
+    /// The fastest kernel that keeps the activations' precision: int16 activations from <see cref="QuantMatMul.IntegerMinRows"/>
+    /// rows where the CPU has integer multiply-add, else the panels.
+    /// </summary>
+    Auto,
+    /// <summary>W dequantized a panel at a time into fp32 and run through the fp32 GEMM: activations stay fp32.</summary>
+    DequantizedPanels,
+    /// <summary>Activations quantized to int16 blocks of 32 (one fp32 scale each), <c>vpmaddwd</c> on AVX-512BW / AVX2 / SSE2 + FMA.</summary>
+    Int16Activations,
+    /// <summary>
+    /// Activations quantized to int8 blocks of 32, <c>vpdpbusd</c> on AVX-VNNI: the fastest, and the least accurate
+    /// (the activations are rounded about as coarsely as the weights). Without VNNI, as <see cref="Int16Activations"/>.
+    /// </summary>
+    Int8Activations,
+}
+
 /// <summary>
 /// y = x Wᵀ + b with W a <see cref="QuantizedMatrix"/>. Few x rows (decode): a GEMV that streams the packed blocks once
-/// and dequantizes them in registers. Many x rows (prefill, vision): W is dequantized a panel of rows at a time into an
-/// fp32 buffer while packing, and the panel goes through the fp32 GEMM of <see cref="MatMul"/>.
+/// and dequantizes them in registers. Many x rows (prefill, vision): q8 weights meet activations quantized to int16 (or int8)
+/// blocks in integer multiply-adds (<see cref="IntegerGemm"/>, chosen by <see cref="PrefillKernel"/>); nf4 weights (and q8 on CPUs without integer multiply-add) are dequantized a
+/// panel of rows at a time into an fp32 buffer while packing, and the panel goes through the fp32 GEMM of <see cref="MatMul"/>.
 /// </summary>
 public static unsafe class QuantMatMul
 {
@@ -20,14 +40,41 @@ public static unsafe class QuantMatMul
     public const int GemvMaxRows = 4;
     // W rows per GEMV work item: enough to amortize the scheduling, small enough to balance the threads.
     private const int GemvRowsPerItem = 32;
-    // Below this many weights the GEMV runs on the calling thread.
-    private const long GemvParallelThreshold = 1L << 16;
+    // Below this many weights (about 10 µs of work) the GEMV runs on the calling thread: waking a second thread costs as much.
+    private const long GemvParallelThreshold = 1L << 20;
     // Target fp32 panel size for the prefill path (floats, 2 MB, about an L2). At least 64 W rows (one GEMM tile) per panel.
     private const int PanelFloats = 1 << 19;
 
     /// <summary>y[m, n] = sum_k x[m, k] · W[n, k] + bias[n] for m &lt; rows; then y = cap · tanh(y / cap) when <paramref name="outputSoftCap"/> &gt; 0.</summary>
     public static void Multiply(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap = 0f) =>
         Multiply(x, rows, w, bias, y, outputSoftCap, BestGemvPath);
+
+    /// <summary>
+    /// From this many x rows <see cref="QuantPrefillKernel.Auto"/> takes the int16-activation kernel (measured faster than
+    /// the panels on every Gemma and SigLIP shape at 16 and 256 rows; at 5 rows it loses on some, where the padding of
+    /// the x rows to whole micro-kernels and the per-item copy of W cost more than the multiply-adds save).
+    /// </summary>
+    public const int IntegerMinRows = 16;
+
+    /// <summary>
+    /// The kernel for more than <see cref="GemvMaxRows"/> x rows of q8 weights, process-wide (default
+    /// <see cref="QuantPrefillKernel.Auto"/>). nf4 weights always use the dequantized panels.
+    /// </summary>
+    public static QuantPrefillKernel PrefillKernel { get; set; } = QuantPrefillKernel.Auto;
+
+    /// <summary>The integer path a many-row call with these weights takes under <see cref="PrefillKernel"/>; None: the fp32 panels (or the GEMV for few rows).</summary>
+    internal static IntegerGemm.Path PrefillPath(int rows, QuantizedMatrix w)
+    {
+        if (rows <= GemvMaxRows || w.Format != QuantFormat.Q8)
+            return IntegerGemm.Path.None;
+        return PrefillKernel switch
+        {
+            QuantPrefillKernel.DequantizedPanels => IntegerGemm.Path.None,
+            QuantPrefillKernel.Int8Activations when IntegerGemm.BestInt8 != IntegerGemm.Path.None => IntegerGemm.BestInt8,
+            QuantPrefillKernel.Auto when rows < IntegerMinRows => IntegerGemm.Path.None,
+            _ => IntegerGemm.BestInt16,
+        };
+    }
 
     /// <summary>The widest GEMV this CPU runs: AVX-512, else AVX2 + FMA, else the portable scalar loop.</summary>
     internal static GemvPath BestGemvPath { get; } =
@@ -49,7 +96,21 @@ public static unsafe class QuantMatMul
         if (rows <= GemvMaxRows)
             Gemv(x, rows, w, bias, y, outputSoftCap, path);
         else
+            MultiplyPrefill(x, rows, w, bias, y, outputSoftCap, PrefillPath(rows, w));
+    }
+
+    /// <summary>Many-row multiply on a chosen kernel: the given integer path, or the fp32 panels when it is None (tests and benchmarks).</summary>
+    internal static void MultiplyPrefill(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap, IntegerGemm.Path path)
+    {
+        ArgumentNullException.ThrowIfNull(w);
+        ArgumentOutOfRangeException.ThrowIfNegative(rows);
+        MatMul.CheckOperands(x, rows, w.Rows, w.Cols, bias, y);
+        if (rows == 0)
+            return;
+        if (path == IntegerGemm.Path.None)
             PanelGemm(x, rows, w, bias, y, outputSoftCap);
+        else
+            IntegerGemm.Multiply(x, rows, w, bias, y, outputSoftCap, path);
     }
 
     private static void Gemv(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float softCap, GemvPath path)

@@ -85,6 +85,8 @@ public static class Program
         computes the first greedy token and exits. Medians of process start -> model ready, start -> first token and peak RSS.
         quantize writes one model.safetensors with q8 or nf4 blocks (see README, "Quantized weights"), copies config.json and
         the tokenizer; the result loads memory-mapped. eval-quant compares a quantized model with the float one.
+        Any command: --q8-prefill int16|int8|panels picks the kernel for many-token q8 products (prefill, vision): int16
+        (default) or int8 quantized activations on integer multiply-adds, or fp32 activations on dequantized panels.
         """;
 
     public static int Main(string[] args)
@@ -102,6 +104,7 @@ public static class Program
                                       $"{(System.Runtime.CompilerServices.RuntimeFeature.IsDynamicCodeSupported ? "JIT" : "NativeAOT")})");
                 return 0;
             }
+            args = TakeQ8PrefillOption(args);
             return args[0] switch
             {
                 "generate" => GenerateCommand.Run(args[1..]),
@@ -138,5 +141,24 @@ public static class Program
             Console.Error.WriteLine("paligemma: out of memory (try a smaller --max-new-tokens or a quantized model)");
             return 1;
         }
+    }
+
+    /// <summary>Applies and removes <c>--q8-prefill int16|int8|panels</c> (a process-wide kernel choice, so every command takes it).</summary>
+    private static string[] TakeQ8PrefillOption(string[] args)
+    {
+        int at = Array.IndexOf(args, "--q8-prefill");
+        if (at < 0)
+            return args;
+        if (at + 1 >= args.Length)
+            throw new UsageException("--q8-prefill needs int16, int8 or panels");
+        PaliGemma.CpuOnly.Quant.QuantMatMul.PrefillKernel = args[at + 1] switch
+        {
+            "int16" => PaliGemma.CpuOnly.Quant.QuantPrefillKernel.Int16Activations,
+            "int8" => PaliGemma.CpuOnly.Quant.QuantPrefillKernel.Int8Activations,
+            "panels" => PaliGemma.CpuOnly.Quant.QuantPrefillKernel.DequantizedPanels,
+            _ => throw new UsageException($"--q8-prefill '{args[at + 1]}': expected int16, int8 or panels"),
+        };
+        string[] rest = [.. args[..at], .. args[(at + 2)..]];
+        return rest.Length > 0 ? rest : throw new UsageException("no command given");
     }
 }
