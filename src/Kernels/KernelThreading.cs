@@ -114,6 +114,21 @@ internal static unsafe class WorkerPool
         }
     }
 
+    /// <summary>
+    /// Bytes the pool's threads have allocated, as of the last batch each took part in (the threads' own counters; for
+    /// the tests that prove a warm call allocates nothing on any thread).
+    /// </summary>
+    internal static long WorkerAllocatedBytes
+    {
+        get
+        {
+            long total = 0;
+            foreach (Worker worker in Volatile.Read(ref s_workers))
+                total += worker.AllocatedBytes;
+            return total;
+        }
+    }
+
     private static void RunItem<TBody>(void* body, int item) where TBody : struct, IWorkItems =>
         Unsafe.AsRef<TBody>(body).Run(item);
 
@@ -171,6 +186,9 @@ internal static unsafe class WorkerPool
     {
         private readonly object _gate = new();
         private int _sleeping;
+        private long _allocatedBytes;
+
+        public long AllocatedBytes => Volatile.Read(ref _allocatedBytes);
 
         public void Loop()
         {
@@ -184,7 +202,10 @@ internal static unsafe class WorkerPool
                     continue;
                 // Checked again inside: the batch cannot change now, and the first check may have read an older one.
                 if (index < Volatile.Read(ref s_wanted))
+                {
                     RunItems();
+                    Volatile.Write(ref _allocatedBytes, GC.GetAllocatedBytesForCurrentThread());
+                }
                 // Leaving a closed batch as its last worker wakes the caller.
                 if (Interlocked.Decrement(ref s_entry) == 0)
                     s_workersDone.Set();
