@@ -135,10 +135,8 @@ public static unsafe class QuantMatMul
                 var job = new GemvJob(w, xp, padded, rows, bias.IsEmpty ? null : bp, yp, softCap, path);
                 int items = (w.Rows + GemvRowsPerItem - 1) / GemvRowsPerItem;
                 bool parallel = (long)w.Rows * padded >= GemvParallelThreshold && KernelThreading.MaxThreads > 1 && items > 1;
-                if (parallel)
-                    Parallel.For(0, items, new ParallelOptions { MaxDegreeOfParallelism = KernelThreading.MaxThreads }, job.Run);
-                else
-                    for (int i = 0; i < items; i++) job.Run(i);
+                // The kernels' worker pool: no closure, no Parallel.For state, so a decode step allocates nothing.
+                KernelThreading.For(items, parallel, job);
             }
         }
         finally
@@ -147,7 +145,7 @@ public static unsafe class QuantMatMul
         }
     }
 
-    private sealed class GemvJob(QuantizedMatrix w, float* x, int xStride, int rows, float* bias, float* y, float softCap, GemvPath path)
+    private struct GemvJob(QuantizedMatrix w, float* x, int xStride, int rows, float* bias, float* y, float softCap, GemvPath path) : IWorkItems
     {
         public void Run(int item)
         {

@@ -404,6 +404,25 @@ public sealed unsafe class KernelThreadingTests
     }
 
     [Theory]
+    [InlineData("q8")]
+    [InlineData("nf4")]
+    public void Quantized_decode_matmul_allocates_nothing(string format)
+    {
+        const int n = 2048, k = 2048;   // above the quantized GEMV's parallel threshold: the work goes to the pool
+        float[] x = RandomFloats(new Random(7), k, -1f, 1f);
+        float[] y = new float[n];
+        float[] weights = RandomFloats(new Random(8), n * k, -0.05f, 0.05f);
+        fixed (float* wp = weights)
+        {
+            var q = PaliGemma.CpuOnly.Quant.Quantizer.Quantize(new WeightMatrix(wp, DType.F32, n, k),
+                format == "q8" ? PaliGemma.CpuOnly.Quant.QuantFormat.Q8 : PaliGemma.CpuOnly.Quant.QuantFormat.Nf4);
+            WithMaxThreads(Math.Max(2, Environment.ProcessorCount),
+                () => AssertNoAllocation(() => PaliGemma.CpuOnly.Quant.QuantMatMul.Multiply(x, 1, q, default, y), calls: 100));
+        }
+        Assert.All(y, value => Assert.True(float.IsFinite(value)));
+    }
+
+    [Theory]
     [InlineData(1024)]
     [InlineData(4096)]
     public void Decode_attention_allocates_nothing(int keys)
