@@ -38,14 +38,15 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
     private float[] _tableScratch = new float[256];
     private float[] _inverseFrequencies = new float[128];
 
-    private Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>>? _add;
-    private Action<Index1D, ArrayView<float>, float, ArrayView<float>>? _scale;
-    private Action<Index1D, ArrayView<float>, ArrayView<float>>? _gelu;
-    private Action<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>>? _geluMul;
-    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float, float>? _rmsNorm;
-    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float, int>? _layerNorm;
-    private Action<Index1D, ArrayView<float>, ArrayView<float>, RopeShape>? _rope;
-    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, AttentionShape>? _attention;
+    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>>? _add;
+    private Action<KernelConfig, ArrayView<float>, float, ArrayView<float>>? _scale;
+    private Action<KernelConfig, ArrayView<float>, ArrayView<float>>? _gelu;
+    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>>? _geluMul;
+    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float, float>? _rmsNorm;
+    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float, int>? _layerNorm;
+    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, long, RopeShape>? _rope;
+    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, AttentionShape>? _attentionBlocks;
+    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, AttentionShape>? _attentionSplit;
 
     private IlgpuBackend(Context context, Accelerator accelerator, IlgpuDevice device)
     {
@@ -62,9 +63,13 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
 
         int maxGroup = accelerator.MaxNumThreadsPerGroup;
         ReduceGroupSize = FloorPowerOfTwo(Math.Min(VectorKernels.MaxGroup, maxGroup));
-        GemvGroupSize = FloorPowerOfTwo(Math.Min(128, maxGroup));
+        GemvGroupSize = FloorPowerOfTwo(Math.Min(MatMulKernels.GemvMaxGroup, maxGroup));
         AttentionGroupSize = FloorPowerOfTwo(Math.Min(64, maxGroup));
-        TileSide = FloorPowerOfTwo(Math.Min(MatMulKernels.MaxTile / 4, (int)Math.Sqrt(maxGroup)));
+        StreamGroupSize = FloorPowerOfTwo(Math.Min(256, maxGroup));
+        // Groups resident at once (multiprocessors x groups each holds), four waves of them.
+        int residentGroups = accelerator.NumMultiprocessors * Math.Max(1, accelerator.MaxNumThreadsPerMultiprocessor / StreamGroupSize);
+        StreamGroupLimit = Math.Max(1, 4 * residentGroups);
+        TileSide = FloorPowerOfTwo(Math.Min(MatMulKernels.MaxTile / MatMulKernels.ThreadBlock, (int)Math.Sqrt(maxGroup)));
 
         _attentionRanges = new UploadCache<int>(accelerator, slots: 4);
         _ropeTables = new UploadCache<float>(accelerator, slots: 2);
@@ -208,7 +213,9 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
     internal int ReduceGroupSize { get; }
     internal int GemvGroupSize { get; }
     internal int AttentionGroupSize { get; }
-    /// <summary>GEMM groups are TileSide x TileSide threads computing a (4·TileSide)² tile.</summary>
+    internal int StreamGroupSize { get; }
+    internal int StreamGroupLimit { get; }
+    /// <summary>GEMM groups are TileSide x TileSide threads computing a (8·TileSide)² tile.</summary>
     internal int TileSide { get; }
 
     public DeviceBuffer Allocate(long length)
@@ -390,8 +397,8 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
         CheckElementwise(b, destination, nameof(destination));
         if (a.Length == 0)
             return;
-        _add ??= _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>>(VectorKernels.Add);
-        _add(ElementCount(a.Length), aView, bView, dView);
+        _add ??= _accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>>(VectorKernels.Add);
+        _add(Streaming(a.Length), aView, bView, dView);
     }
 
     public void Scale(DeviceSpan x, float factor, DeviceSpan destination)
@@ -401,8 +408,8 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
         CheckElementwise(x, destination, nameof(destination));
         if (x.Length == 0)
             return;
-        _scale ??= _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, float, ArrayView<float>>(VectorKernels.Scale);
-        _scale(ElementCount(x.Length), xView, factor, dView);
+        _scale ??= _accelerator.LoadStreamKernel<ArrayView<float>, float, ArrayView<float>>(VectorKernels.Scale);
+        _scale(Streaming(x.Length), xView, factor, dView);
     }
 
     public void GeluTanh(DeviceSpan x, DeviceSpan y)
@@ -412,8 +419,8 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
         CheckElementwise(x, y, nameof(y));
         if (x.Length == 0)
             return;
-        _gelu ??= _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>>(VectorKernels.GeluTanh);
-        _gelu(ElementCount(x.Length), xView, yView);
+        _gelu ??= _accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<float>>(VectorKernels.GeluTanh);
+        _gelu(Streaming(x.Length), xView, yView);
     }
 
     public void GeluTanhMul(DeviceSpan gate, DeviceSpan up, DeviceSpan y)
@@ -427,8 +434,8 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
         CheckElementwise(up, y, nameof(y));
         if (gate.Length == 0)
             return;
-        _geluMul ??= _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>>(VectorKernels.GeluTanhMul);
-        _geluMul(ElementCount(gate.Length), gView, uView, yView);
+        _geluMul ??= _accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>>(VectorKernels.GeluTanhMul);
+        _geluMul(Streaming(gate.Length), gView, uView, yView);
     }
 
     public void RmsNorm(DeviceSpan x, DeviceSpan y, int rows, int dim, DeviceSpan weight, float eps, bool unitOffset)
@@ -441,8 +448,8 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
             throw new ArgumentException($"weight holds {weight.Length} floats; it must hold dim = {dim}", nameof(weight));
         if (rows == 0)
             return;
-        _rmsNorm ??= _accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float, float>(VectorKernels.RmsNorm);
-        _rmsNorm(new KernelConfig(rows, GroupFor(dim, ReduceGroupSize)), xView, yView, wView, dim, eps, unitOffset ? 1f : 0f);
+        _rmsNorm ??= _accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float, float>(VectorKernels.RmsNorm);
+        _rmsNorm(RowGroups(rows, dim), xView, yView, wView, rows, dim, eps, unitOffset ? 1f : 0f);
     }
 
     public void LayerNorm(DeviceSpan x, DeviceSpan y, int rows, int dim, DeviceSpan gamma, DeviceSpan beta, float eps)
@@ -459,8 +466,8 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
             throw new ArgumentException($"beta holds {beta.Length} floats; it must be empty or hold dim = {dim}", nameof(beta));
         if (rows == 0)
             return;
-        _layerNorm ??= _accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float, int>(VectorKernels.LayerNorm);
-        _layerNorm(new KernelConfig(rows, GroupFor(dim, ReduceGroupSize)), xView, yView, gView, bView, dim, eps, hasBeta ? 1 : 0);
+        _layerNorm ??= _accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int, float, int>(VectorKernels.LayerNorm);
+        _layerNorm(RowGroups(rows, dim), xView, yView, gView, bView, rows, dim, eps, hasBeta ? 1 : 0);
     }
 
     public void Rope(DeviceSpan x, int rows, int heads, int headDim, int rowStride, ReadOnlySpan<int> positions, float theta)
@@ -485,8 +492,9 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
 
         int half = headDim / 2;
         var table = RopeTable(positions[..rows], headDim, theta);
-        _rope ??= _accelerator.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, ArrayView<float>, RopeShape>(VectorKernels.Rope);
-        _rope(ElementCount((long)rows * heads * half), xView, table, new RopeShape { Heads = heads, HeadDim = headDim, RowStride = rowStride });
+        _rope ??= _accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<float>, long, RopeShape>(VectorKernels.Rope);
+        long items = (long)rows * heads * half;
+        _rope(Streaming(items), xView, table, items, new RopeShape { Heads = heads, HeadDim = headDim, RowStride = rowStride });
     }
 
     /// <summary>cos, sin per (row, i), with the CPU kernel's float32 inverse frequencies and angles (see src/Kernels/Rope.cs).</summary>
@@ -563,10 +571,28 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
             Heads = p.Heads, KvHeads = p.KvHeads, HeadDim = p.HeadDim,
             Scale = p.Scale, SoftCap = p.LogitSoftCap, HasValid = hasValid ? 1 : 0,
         };
-        int lanes = GroupFor(Math.Max(p.HeadDim, p.Keys), AttentionGroupSize);
-        _attention ??= _accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, AttentionShape>(AttentionKernel.Forward);
-        _attention(new KernelConfig((int)groups, lanes), q, k, v, meta, output, shape);
+        // Enough (query, head) rows per KV head to fill a group: query blocks, each K/V tile staged once for the whole
+        // block. Fewer (decode): a group per (query, head) with the keys split over its lanes.
+        long rowsPerKvHead = (long)p.Queries * (p.Heads / p.KvHeads);
+        if (rowsPerKvHead >= AttentionGroupSize)
+        {
+            int lanes = AttentionGroupSize;
+            shape.TileKeys = AttentionKernel.BlockTileKeys(p.HeadDim);
+            _attentionBlocks ??= _accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, AttentionShape>(AttentionKernel.QueryBlocks);
+            var grid = new Index2D((int)((rowsPerKvHead + lanes - 1) / lanes), p.KvHeads);
+            _attentionBlocks(new KernelConfig(grid, new Index2D(lanes, 1)), q, k, v, meta, output, shape);
+        }
+        else
+        {
+            int lanes = GroupFor(Math.Max(p.HeadDim, p.Keys), AttentionGroupSize);
+            shape.TileKeys = Math.Min(AttentionKernel.MaxSplitTileKeys, lanes * SplitKeysPerLane);
+            _attentionSplit ??= _accelerator.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<int>, ArrayView<float>, AttentionShape>(AttentionKernel.KeySplit);
+            _attentionSplit(new KernelConfig((int)groups, lanes), q, k, v, meta, output, shape);
+        }
     }
+
+    /// <summary>Keys each lane scores per tile of the key-split attention (fewer barriers per key).</summary>
+    private const int SplitKeysPerLane = 8;
 
     /// <summary>The checks of <see cref="PaliGemma.CpuOnly.Kernels.Attention"/>, on buffer ranges.</summary>
     private static void Validate(scoped in DeviceAttentionProblem p)
@@ -680,8 +706,19 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
             throw new ArgumentException($"{hostLength} host floats for a buffer range of {span.Length}", argument);
     }
 
-    private static int ElementCount(long length) =>
-        length <= int.MaxValue ? (int)length : throw new NotSupportedException($"{length} elements is more than one ILGPU launch handles");
+    /// <summary>
+    /// A launch for a kernel that strides over <paramref name="items"/> with the whole grid: groups of
+    /// <see cref="StreamGroupSize"/> lanes, no more than the items need nor than <see cref="StreamGroupLimit"/> (a few
+    /// waves of the groups the device holds at once), so large tensors take several items per thread.
+    /// </summary>
+    private KernelConfig Streaming(long items)
+    {
+        long groups = Math.Clamp((items + StreamGroupSize - 1) / StreamGroupSize, 1, StreamGroupLimit);
+        return new KernelConfig((int)groups, StreamGroupSize);
+    }
+
+    /// <summary>A group per row of <paramref name="dim"/> values, striding over the rows beyond <see cref="StreamGroupLimit"/>.</summary>
+    private KernelConfig RowGroups(int rows, int dim) => new(Math.Min(rows, StreamGroupLimit), GroupFor(dim, ReduceGroupSize));
 
     /// <summary>Lanes for a group that strides over <paramref name="work"/> items: no more than the work needs.</summary>
     private static int GroupFor(int work, int limit) => Math.Min(limit, CeilingPowerOfTwo(work));

@@ -71,11 +71,12 @@ internal sealed class IlgpuMatrix<TWeights>(IlgpuBackend backend, IMatrixOperand
         _kernels ??= _backend.MatMulKernelsFor<TWeights>();
         var shape = new MatMulShape { Rows = rows, N = Rows, K = Cols, HasBias = _hasBias ? 1 : 0, SoftCap = outputSoftCap };
         if (rows <= MatMulKernels.GemvMaxRows)
-            _kernels.Gemv(new KernelConfig(Rows, _backend.GemvGroupSize), x, _weights, _bias, y, shape);
+            _kernels.Gemv(new KernelConfig((Rows + MatMulKernels.GemvColumns - 1) / MatMulKernels.GemvColumns, _backend.GemvGroupSize), x, _weights, _bias, y, shape);
         else
         {
-            int side = _backend.TileSide;
-            var grid = new Index2D((Rows + 4 * side - 1) / (4 * side), (rows + 4 * side - 1) / (4 * side));
+            int tile = MatMulKernels.ThreadBlock * _backend.TileSide, side = _backend.TileSide;
+            shape.TileKShift = MatMulKernels.GemmTileKShift(tile, Cols);
+            var grid = new Index2D((Rows + tile - 1) / tile, (rows + tile - 1) / tile);
             _kernels.Gemm(new KernelConfig(grid, new Index2D(side, side)), x, _weights, _bias, y, shape);
         }
     }

@@ -34,12 +34,20 @@ public sealed class IlgpuAttentionTests(IlgpuFixture fixture)
     [Property(Arbitrary = [typeof(DeviceAttentionArbitraries)], MaxTest = 60)]
     public void Attention_matches_double_softmax_reference(DeviceAttentionCase c) => Check(fixture.Backend, c);
 
-    // Many key tiles per query (4 lanes), HeadDim beyond the lanes, grouped-query heads, then the same shapes with
-    // other ranges (the range upload is cached by content).
+    // With the fixture's 4 lanes: (query, head) rows per KV head >= 4 take the query-block kernel (K/V tiles of
+    // 2048 / HeadDim keys staged per block), fewer take the key-split kernel (tiles of 4 x 8 keys). Several tiles and
+    // blocks of each, HeadDim beyond the lanes, grouped-query heads, ranges that differ inside a block, then the same
+    // shapes with other ranges (the range upload is cached by content).
     [Theory]
-    [InlineData(5, 70, 4, 2, 72, MaskKind.PrefixCausal, 0f)]
+    [InlineData(5, 70, 4, 2, 72, MaskKind.PrefixCausal, 0f)]        // blocks: 10 rows, tiles of 28 keys
     [InlineData(5, 70, 4, 2, 72, MaskKind.SlidingWindow, 50f)]
-    [InlineData(2, 33, 8, 1, 256, MaskKind.Full, 30f)]
+    [InlineData(2, 33, 8, 1, 256, MaskKind.Full, 30f)]             // blocks: 16 rows, tiles of 8 keys
+    [InlineData(70, 300, 2, 2, 16, MaskKind.PrefixCausal, 0f)]      // blocks: 18 per head, a partial last one, 3 tiles
+    [InlineData(70, 150, 2, 2, 16, MaskKind.SlidingWindow, 0f)]     // blocks: windows inside one tile
+    [InlineData(43, 130, 6, 3, 24, MaskKind.Random, 5f)]            // blocks: ranges of any shape, 2 tiles
+    [InlineData(37, 120, 3, 1, 40, MaskKind.PrefixCausal, 0f)]      // blocks spanning query boundaries (3 heads per KV head)
+    [InlineData(1, 150, 2, 1, 40, MaskKind.Full, 0f)]              // key split: 2 rows, 5 tiles
+    [InlineData(3, 200, 1, 1, 16, MaskKind.SlidingWindow, 30f)]     // key split: 3 rows
     public void Attention_matches_reference_on_multi_tile_problems(int queries, int keys, int heads, int kvHeads, int headDim, MaskKind mask, float softCap) =>
         Check(fixture.Backend, new DeviceAttentionCase(queries, keys, heads, kvHeads, headDim, 1, 2, mask, true, softCap, 1f / MathF.Sqrt(headDim), queries + keys + (int)mask));
 

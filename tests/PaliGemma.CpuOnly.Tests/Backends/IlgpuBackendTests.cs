@@ -192,7 +192,7 @@ public sealed unsafe class IlgpuBackendTests(IlgpuFixture fixture)
             kernels.Add(typeof(MatMulKernels).GetMethod(nameof(MatMulKernels.Gemv))!.MakeGenericMethod(weights));
             kernels.Add(typeof(MatMulKernels).GetMethod(nameof(MatMulKernels.Gemm))!.MakeGenericMethod(weights));
         }
-        Assert.Equal(18, kernels.Count);
+        Assert.Equal(19, kernels.Count);
 
         using var context = Context.Create(builder => builder.EnableAlgorithms());
         using var ptx = new PTXBackend(context, CudaArchitecture.SM_70, CudaInstructionSet.ISA_70, nvvmAPI: null!);

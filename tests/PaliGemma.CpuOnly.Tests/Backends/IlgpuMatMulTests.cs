@@ -34,11 +34,13 @@ public sealed unsafe class IlgpuMatMulTests(IlgpuFixture fixture)
     [Property(Arbitrary = [typeof(DeviceMatMulArbitraries)], MaxTest = 80)]
     public void MatMul_matches_double_reference_for_every_weight_format(DeviceMatMulCase c) => Check(fixture.Backend, c);
 
-    // Several GEMV passes of 4 rows, many 8 x 8 GEMM tiles and K steps, and whole q8/nf4 blocks plus a tail.
+    // Several GEMV passes of 4 rows and groups of 4 columns, many 16 x 16 GEMM tiles (2 x 2 threads of 8 x 8), K steps
+    // of 128 columns (the width 16-row tiles take) with a tail, and whole q8/nf4 blocks plus a tail.
     [Theory]
     [InlineData(7, 150, 45, StoredWeights.Nf4)]
     [InlineData(37, 150, 21, StoredWeights.Q8)]
     [InlineData(26, 90, 19, StoredWeights.BF16)]
+    [InlineData(50, 300, 70, StoredWeights.F16)]
     public void MatMul_matches_reference_on_multi_tile_shapes(int rows, int k, int n, StoredWeights weights) =>
         Check(fixture.Backend, new DeviceMatMulCase(rows, k, n, weights, Bias: true, SoftCap: 0f, XOffset: 1, Seed: rows * 31 + k));
 

@@ -8,7 +8,7 @@ public sealed class IlgpuFixture : IDisposable
 {
     // The simulator runs each thread of a group as an OS thread and a barrier costs ~0.1 ms, so the groups are small:
     // 4 lanes still take every reduction, tile and key-tile loop through several iterations (GEMM tiles of 2 x 2
-    // threads computing 8 x 8 outputs).
+    // threads computing 16 x 16 outputs).
     public IlgpuBackend Backend { get; } = IlgpuBackend.CreateCpuSimulator(threadsPerWarp: 4, warpsPerGroup: 1);
 
     public void Dispose() => Backend.Dispose();
