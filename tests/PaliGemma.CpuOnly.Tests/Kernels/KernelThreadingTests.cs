@@ -375,11 +375,21 @@ public sealed unsafe class KernelThreadingTests
     {
         for (int i = 0; i < 20; i++)
             call();
-        long callerBefore = GC.GetAllocatedBytesForCurrentThread(), poolBefore = WorkerPool.WorkerAllocatedBytes;
-        for (int i = 0; i < calls; i++)
-            call();
-        long caller = GC.GetAllocatedBytesForCurrentThread() - callerBefore, pool = WorkerPool.WorkerAllocatedBytes - poolBefore;
-        Assert.True(caller == 0 && pool == 0, $"{calls} calls allocated {caller} bytes on the calling thread and {pool} on the pool's threads");
+        // Up to three windows: a one-time event inside the first (the JIT promoting a method to tier 1, a per-thread scratch
+        // growing once when a call found the pool busy and ran serially) is not a per-call allocation; one of those would
+        // show in every window.
+        long caller = 0, pool = 0;
+        for (int window = 0; window < 3; window++)
+        {
+            long callerBefore = GC.GetAllocatedBytesForCurrentThread(), poolBefore = WorkerPool.WorkerAllocatedBytes;
+            for (int i = 0; i < calls; i++)
+                call();
+            caller = GC.GetAllocatedBytesForCurrentThread() - callerBefore;
+            pool = WorkerPool.WorkerAllocatedBytes - poolBefore;
+            if (caller == 0 && pool == 0)
+                return;
+        }
+        Assert.Fail($"every window of {calls} calls allocated; the last: {caller} bytes on the calling thread and {pool} on the pool's threads");
     }
 
     [Theory]

@@ -20,20 +20,28 @@ public class DecodeAllocationTests
         var model = GoldenData.Model(caseName, root: gemma2 ? TestPaths.GoldenPg2 : null);
         int[] ids = model.Tokenizer.BuildPrompt("caption en", model.NumImageTokens);
         var features = model.EncodeImages(new float[3 * model.ImageSize * model.ImageSize], 1);
-        const int steps = 40;   // long enough for the pg2 ring (window 16) to wrap
-        var session = new PaliGemmaSession(model, 1, ids.Length + steps + 2);
+        const int steps = 20, windows = 3;   // 20 steps pass the pg2 ring (window 16) on their own
+        var session = new PaliGemmaSession(model, 1, ids.Length + steps * windows + 2);
         var logits = new float[session.VocabSize];
         session.Prefill(ids, default, ids.Length, features, logits);
         int[] next = [1000];
         session.Decode(next, logits);   // the first step may size the workspace
 
-        long before = GC.GetAllocatedBytesForCurrentThread();
-        for (int i = 0; i < steps; i++)
+        // Up to three windows: a one-time runtime event in the first (the JIT promoting a method to tier 1) is not a
+        // per-token allocation, which would show in every window.
+        long allocated = 0;
+        for (int window = 0; window < windows; window++)
         {
-            next[0] = 1000 + i;
-            session.Decode(next, logits);
+            long before = GC.GetAllocatedBytesForCurrentThread();
+            for (int i = 0; i < steps; i++)
+            {
+                next[0] = 1000 + i;
+                session.Decode(next, logits);
+            }
+            allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+            if (allocated == 0)
+                return;
         }
-        long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
-        Assert.True(allocated == 0, $"{caseName}: {steps} decode steps allocated {allocated} bytes");
+        Assert.Fail($"{caseName}: every window of {steps} decode steps allocated; the last {allocated} bytes");
     }
 }
