@@ -18,6 +18,8 @@ public sealed unsafe class LoraModule
     // "up += d_j · Bᵀ[j, :]" are long contiguous vector operations.
     private readonly float[] _a, _bTransposed;
     private readonly WeightMatrix _aMatrix;
+    // x·Aᵀ of up to this many floats (32 rows at rank 8) lives on the stack; more comes from the shared pool.
+    private const int MaxStackDown = 256;
 
     internal LoraModule(string name, Linear target, float[] pinnedA, float[] bTransposed, int rank, float scaling)
     {
@@ -49,33 +51,40 @@ public sealed unsafe class LoraModule
 
     /// <summary>
     /// y[rows, out] += scaling · (x·Aᵀ)·Bᵀ in PEFT's order: the low-rank product first (its sum over the rank in order),
-    /// then scaled, then added. Scratch comes from the shared pool.
+    /// then scaled, then added. One pass over A and one over Bᵀ (split over threads when large); scratch on the stack or
+    /// from the shared pool, so a call allocates nothing once the pool is warm.
     /// </summary>
     internal void AddDelta(ReadOnlySpan<float> x, int rows, Span<float> y)
     {
+        ArgumentOutOfRangeException.ThrowIfNegative(rows);
+        int rank = Rank, inFeatures = InFeatures, outFeatures = OutFeatures;
+        if (x.Length < (long)rows * inFeatures)
+            throw new ArgumentException($"LoRA module '{Name}': x holds {x.Length} floats; {rows} rows of {inFeatures} need {(long)rows * inFeatures}", nameof(x));
+        if (y.Length < (long)rows * outFeatures)
+            throw new ArgumentException($"LoRA module '{Name}': y holds {y.Length} floats; {rows} rows of {outFeatures} need {(long)rows * outFeatures}", nameof(y));
         if (rows == 0) return;
-        int rank = Rank, outFeatures = OutFeatures;
-        float[] down = ArrayPool<float>.Shared.Rent(rows * rank);
-        float[] up = ArrayPool<float>.Shared.Rent(outFeatures);
+
+        int downCount = rows * rank;
+        float[]? rented = downCount > MaxStackDown ? ArrayPool<float>.Shared.Rent(downCount) : null;
+        Span<float> down = rented is null ? stackalloc float[MaxStackDown] : rented;
         try
         {
-            MatMul.Multiply(x, rows, _aMatrix, default, down);
-            var upRow = up.AsSpan(0, outFeatures);
-            var bT = _bTransposed.AsSpan();
-            for (int m = 0; m < rows; m++)
+            fixed (float* xp = x)
+            fixed (float* yp = y)
+            fixed (float* dp = down)
+            fixed (float* ap = _a)
+            fixed (float* bp = _bTransposed)
             {
-                var d = down.AsSpan(m * rank, rank);
-                TensorPrimitives.Multiply(bT[..outFeatures], d[0], upRow);
-                for (int j = 1; j < rank; j++)
-                    TensorPrimitives.MultiplyAdd(bT.Slice(j * outFeatures, outFeatures), d[j], upRow, upRow);
-                var yRow = y.Slice(m * outFeatures, outFeatures);
-                TensorPrimitives.MultiplyAdd(upRow, Scaling, yRow, yRow);
+                if (rows >= LowRankKernels.GemmMinRows)
+                    MatMul.Multiply(x, rows, _aMatrix, default, down);
+                else
+                    LowRankKernels.Down(xp, rows, inFeatures, ap, rank, dp);
+                LowRankKernels.Up(dp, rows, rank, bp, outFeatures, Scaling, yp);
             }
         }
         finally
         {
-            ArrayPool<float>.Shared.Return(up);
-            ArrayPool<float>.Shared.Return(down);
+            if (rented is not null) ArrayPool<float>.Shared.Return(rented);
         }
     }
 
