@@ -54,6 +54,12 @@ public static class Program
 
         IComputeBackend backend = Open(device ?? "auto");
         Console.Error.WriteLine($"paligemma-gpu: computing on {backend.Name}");
+        if (ConcurrencyError(rest, backend.IsHost) is { } concurrencyError)
+        {
+            Console.Error.WriteLine($"paligemma-gpu: {concurrencyError}");
+            (backend as IDisposable)?.Dispose();
+            return 2;
+        }
         CliBackend.Current = backend;
         try
         {
@@ -64,6 +70,24 @@ public static class Program
             CliBackend.Current = null;
             (backend as IDisposable)?.Dispose();
         }
+    }
+
+    /// <summary>
+    /// A device backend runs one thread's operations at a time (its scratch buffers and queue are shared), so `serve` on a
+    /// device must keep one generation at a time; returns the message for a larger --max-concurrency, else null.
+    /// </summary>
+    internal static string? ConcurrencyError(string[] commandArgs, bool backendIsHost)
+    {
+        if (backendIsHost || commandArgs.Length == 0 || commandArgs[0] != "serve")
+            return null;
+        for (int i = 1; i < commandArgs.Length; i++)
+        {
+            string? value = commandArgs[i] == "--max-concurrency" && i + 1 < commandArgs.Length ? commandArgs[i + 1]
+                : commandArgs[i].StartsWith("--max-concurrency=", StringComparison.Ordinal) ? commandArgs[i]["--max-concurrency=".Length..] : null;
+            if (value is not null && int.TryParse(value, System.Globalization.CultureInfo.InvariantCulture, out int n) && n > 1)
+                return $"--max-concurrency {n}: a GPU device runs one generation at a time; use --max-concurrency 1 (requests beyond it wait in --max-queue)";
+        }
+        return null;
     }
 
     /// <summary>Removes "--device NAME" (or "--device=NAME") from anywhere in the arguments.</summary>

@@ -29,4 +29,16 @@ public sealed class GpuCliTests
         Assert.Equal("ilgpu-cpu", simulator.Name);
         ((IDisposable)simulator).Dispose();
     }
+
+    [Fact]
+    public void Serve_on_a_device_keeps_one_generation_at_a_time()
+    {
+        string? Error(bool host, params string[] args) => PaliGemma.Gpu.Cli.Program.ConcurrencyError(args, host);
+        Assert.Contains("--max-concurrency 1", Error(false, "serve", "--model", "m", "--max-concurrency", "2"));
+        Assert.Contains("--max-concurrency 3", Error(false, "serve", "--max-concurrency=3", "--model", "m"));
+        Assert.Null(Error(false, "serve", "--model", "m", "--max-concurrency", "1"));
+        Assert.Null(Error(false, "serve", "--model", "m"));
+        Assert.Null(Error(true, "serve", "--model", "m", "--max-concurrency", "4"));    // the CPU backend is thread-safe
+        Assert.Null(Error(false, "generate", "--max-concurrency", "4"));
+    }
 }
