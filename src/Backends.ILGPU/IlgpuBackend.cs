@@ -473,22 +473,9 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
     public void Rope(DeviceSpan x, int rows, int heads, int headDim, int rowStride, ReadOnlySpan<int> positions, float theta)
     {
         var xView = View(x, nameof(x));
-        ArgumentOutOfRangeException.ThrowIfNegative(rows);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(heads);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(headDim);
-        if (headDim % 2 != 0)
-            throw new ArgumentException($"headDim {headDim} must be even for rotate-half rotary embedding", nameof(headDim));
-        if (rowStride < (long)heads * headDim)
-            throw new ArgumentException($"rowStride {rowStride} is smaller than heads * headDim = {(long)heads * headDim}", nameof(rowStride));
-        if (positions.Length < rows)
-            throw new ArgumentException($"positions holds {positions.Length} entries; there are {rows} rows", nameof(positions));
-        if (!(theta > 0f) || float.IsInfinity(theta))
-            throw new ArgumentOutOfRangeException(nameof(theta), theta, "rotary base must be positive and finite");
+        PaliGemma.CpuOnly.Kernels.Rope.CheckOperands(x.Length, rows, heads, headDim, rowStride, positions.Length, theta);
         if (rows == 0)
             return;
-        long needed = (long)(rows - 1) * rowStride + (long)heads * headDim;
-        if (x.Length < needed)
-            throw new ArgumentException($"x holds {x.Length} floats; {rows} rows with stride {rowStride} of {heads} x {headDim} need {needed}", nameof(x));
 
         int half = headDim / 2;
         var table = RopeTable(positions[..rows], headDim, theta);
@@ -595,60 +582,9 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
     private const int SplitKeysPerLane = 8;
 
     /// <summary>The checks of <see cref="PaliGemma.CpuOnly.Kernels.Attention"/>, on buffer ranges.</summary>
-    private static void Validate(scoped in DeviceAttentionProblem p)
-    {
-        const string Name = "problem";
-        if (p.Heads <= 0)
-            throw new ArgumentException($"Heads is {p.Heads}; it must be positive", Name + ".Heads");
-        if (p.KvHeads <= 0 || p.Heads % p.KvHeads != 0)
-            throw new ArgumentException($"KvHeads is {p.KvHeads}; it must be positive and divide Heads = {p.Heads}", Name + ".KvHeads");
-        if (p.HeadDim <= 0)
-            throw new ArgumentException($"HeadDim is {p.HeadDim}; it must be positive", Name + ".HeadDim");
-        if (p.Queries < 0)
-            throw new ArgumentException($"Queries is {p.Queries}; it must not be negative", Name + ".Queries");
-        if (p.Keys < 0)
-            throw new ArgumentException($"Keys is {p.Keys}; it must not be negative", Name + ".Keys");
-        if (!float.IsFinite(p.Scale))
-            throw new ArgumentException($"Scale is {p.Scale}; it must be finite", Name + ".Scale");
-        if (!(p.LogitSoftCap >= 0f) || float.IsInfinity(p.LogitSoftCap))
-            throw new ArgumentException($"LogitSoftCap is {p.LogitSoftCap}; it must be 0 (none) or positive and finite", Name + ".LogitSoftCap");
-
-        long qWidth = (long)p.Heads * p.HeadDim;
-        long kvWidth = (long)p.KvHeads * p.HeadDim;
-        if (p.Queries > 0)
-        {
-            if (p.QRowStride < qWidth)
-                throw new ArgumentException($"QRowStride {p.QRowStride} is smaller than Heads * HeadDim = {qWidth}", Name + ".QRowStride");
-            long needed = (long)(p.Queries - 1) * p.QRowStride + qWidth;
-            if (p.Q.Length < needed)
-                throw new ArgumentException($"Q holds {p.Q.Length} floats; {p.Queries} queries need {needed}", Name + ".Q");
-            if (p.Output.Length < p.Queries * qWidth)
-                throw new ArgumentException($"Output holds {p.Output.Length} floats; {p.Queries} queries need {p.Queries * qWidth}", Name + ".Output");
-            if (p.KeyStart.Length < p.Queries)
-                throw new ArgumentException($"KeyStart holds {p.KeyStart.Length} entries; there are {p.Queries} queries", Name + ".KeyStart");
-            if (p.KeyEnd.Length < p.Queries)
-                throw new ArgumentException($"KeyEnd holds {p.KeyEnd.Length} entries; there are {p.Queries} queries", Name + ".KeyEnd");
-        }
-        if (p.Keys > 0)
-        {
-            if (p.KvRowStride < kvWidth)
-                throw new ArgumentException($"KvRowStride {p.KvRowStride} is smaller than KvHeads * HeadDim = {kvWidth}", Name + ".KvRowStride");
-            long needed = (long)(p.Keys - 1) * p.KvRowStride + kvWidth;
-            if (p.K.Length < needed)
-                throw new ArgumentException($"K holds {p.K.Length} floats; {p.Keys} keys need {needed}", Name + ".K");
-            if (p.V.Length < needed)
-                throw new ArgumentException($"V holds {p.V.Length} floats; {p.Keys} keys need {needed}", Name + ".V");
-        }
-        if (!p.KeyValid.IsEmpty && p.KeyValid.Length < p.Keys)
-            throw new ArgumentException($"KeyValid holds {p.KeyValid.Length} entries; it must be empty or cover {p.Keys} keys", Name + ".KeyValid");
-        for (int i = 0; i < p.Queries; i++)
-        {
-            if (p.KeyStart[i] < 0)
-                throw new ArgumentException($"KeyStart[{i}] is {p.KeyStart[i]}; it must not be negative", Name + ".KeyStart");
-            if (p.KeyEnd[i] > p.Keys)
-                throw new ArgumentException($"KeyEnd[{i}] is {p.KeyEnd[i]}; there are only {p.Keys} keys", Name + ".KeyEnd");
-        }
-    }
+    private static void Validate(scoped in DeviceAttentionProblem p) =>
+        PaliGemma.CpuOnly.Kernels.Attention.CheckProblem(p.Heads, p.KvHeads, p.HeadDim, p.Queries, p.Keys, p.Scale, p.LogitSoftCap,
+            p.QRowStride, p.Q.Length, p.Output.Length, p.KvRowStride, p.K.Length, p.V.Length, p.KeyStart, p.KeyEnd, p.KeyValid);
 
     internal sealed class MatMulKernelPair<TWeights>(Accelerator accelerator) where TWeights : struct, IDeviceWeights
     {

@@ -97,58 +97,68 @@ public static unsafe class Attention
         }
     }
 
-    private static void Validate(scoped in AttentionProblem p)
+    private static void Validate(scoped in AttentionProblem p) =>
+        CheckProblem(p.Heads, p.KvHeads, p.HeadDim, p.Queries, p.Keys, p.Scale, p.LogitSoftCap, p.QRowStride, p.Q.Length, p.Output.Length,
+            p.KvRowStride, p.K.Length, p.V.Length, p.KeyStart, p.KeyEnd, p.KeyValid);
+
+    /// <summary>
+    /// Validates one attention problem given its shape and operand lengths (shared by every backend, so the CPU kernel and a
+    /// device kernel reject the same inputs with the same messages, named <c>problem.Field</c>).
+    /// </summary>
+    public static void CheckProblem(int heads, int kvHeads, int headDim, int queries, int keys, float scale, float logitSoftCap,
+        int qRowStride, long qLength, long outputLength, int kvRowStride, long kLength, long vLength,
+        ReadOnlySpan<int> keyStart, ReadOnlySpan<int> keyEnd, ReadOnlySpan<byte> keyValid)
     {
         const string Name = "problem";
-        if (p.Heads <= 0)
-            throw new ArgumentException($"Heads is {p.Heads}; it must be positive", Name + ".Heads");
-        if (p.KvHeads <= 0 || p.Heads % p.KvHeads != 0)
-            throw new ArgumentException($"KvHeads is {p.KvHeads}; it must be positive and divide Heads = {p.Heads}", Name + ".KvHeads");
-        if (p.HeadDim <= 0)
-            throw new ArgumentException($"HeadDim is {p.HeadDim}; it must be positive", Name + ".HeadDim");
-        if (p.Queries < 0)
-            throw new ArgumentException($"Queries is {p.Queries}; it must not be negative", Name + ".Queries");
-        if (p.Keys < 0)
-            throw new ArgumentException($"Keys is {p.Keys}; it must not be negative", Name + ".Keys");
-        if (!float.IsFinite(p.Scale))
-            throw new ArgumentException($"Scale is {p.Scale}; it must be finite", Name + ".Scale");
-        if (!(p.LogitSoftCap >= 0f) || float.IsInfinity(p.LogitSoftCap))
-            throw new ArgumentException($"LogitSoftCap is {p.LogitSoftCap}; it must be 0 (none) or positive and finite", Name + ".LogitSoftCap");
+        if (heads <= 0)
+            throw new ArgumentException($"Heads is {heads}; it must be positive", Name + ".Heads");
+        if (kvHeads <= 0 || heads % kvHeads != 0)
+            throw new ArgumentException($"KvHeads is {kvHeads}; it must be positive and divide Heads = {heads}", Name + ".KvHeads");
+        if (headDim <= 0)
+            throw new ArgumentException($"HeadDim is {headDim}; it must be positive", Name + ".HeadDim");
+        if (queries < 0)
+            throw new ArgumentException($"Queries is {queries}; it must not be negative", Name + ".Queries");
+        if (keys < 0)
+            throw new ArgumentException($"Keys is {keys}; it must not be negative", Name + ".Keys");
+        if (!float.IsFinite(scale))
+            throw new ArgumentException($"Scale is {scale}; it must be finite", Name + ".Scale");
+        if (!(logitSoftCap >= 0f) || float.IsInfinity(logitSoftCap))
+            throw new ArgumentException($"LogitSoftCap is {logitSoftCap}; it must be 0 (none) or positive and finite", Name + ".LogitSoftCap");
 
-        long qWidth = (long)p.Heads * p.HeadDim;
-        long kvWidth = (long)p.KvHeads * p.HeadDim;
-        if (p.Queries > 0)
+        long qWidth = (long)heads * headDim;
+        long kvWidth = (long)kvHeads * headDim;
+        if (queries > 0)
         {
-            if (p.QRowStride < qWidth)
-                throw new ArgumentException($"QRowStride {p.QRowStride} is smaller than Heads * HeadDim = {qWidth}", Name + ".QRowStride");
-            long needed = (long)(p.Queries - 1) * p.QRowStride + qWidth;
-            if (p.Q.Length < needed)
-                throw new ArgumentException($"Q holds {p.Q.Length} floats; {p.Queries} queries need {needed}", Name + ".Q");
-            if (p.Output.Length < p.Queries * qWidth)
-                throw new ArgumentException($"Output holds {p.Output.Length} floats; {p.Queries} queries need {p.Queries * qWidth}", Name + ".Output");
-            if (p.KeyStart.Length < p.Queries)
-                throw new ArgumentException($"KeyStart holds {p.KeyStart.Length} entries; there are {p.Queries} queries", Name + ".KeyStart");
-            if (p.KeyEnd.Length < p.Queries)
-                throw new ArgumentException($"KeyEnd holds {p.KeyEnd.Length} entries; there are {p.Queries} queries", Name + ".KeyEnd");
+            if (qRowStride < qWidth)
+                throw new ArgumentException($"QRowStride {qRowStride} is smaller than Heads * HeadDim = {qWidth}", Name + ".QRowStride");
+            long needed = (long)(queries - 1) * qRowStride + qWidth;
+            if (qLength < needed)
+                throw new ArgumentException($"Q holds {qLength} floats; {queries} queries need {needed}", Name + ".Q");
+            if (outputLength < queries * qWidth)
+                throw new ArgumentException($"Output holds {outputLength} floats; {queries} queries need {queries * qWidth}", Name + ".Output");
+            if (keyStart.Length < queries)
+                throw new ArgumentException($"KeyStart holds {keyStart.Length} entries; there are {queries} queries", Name + ".KeyStart");
+            if (keyEnd.Length < queries)
+                throw new ArgumentException($"KeyEnd holds {keyEnd.Length} entries; there are {queries} queries", Name + ".KeyEnd");
         }
-        if (p.Keys > 0)
+        if (keys > 0)
         {
-            if (p.KvRowStride < kvWidth)
-                throw new ArgumentException($"KvRowStride {p.KvRowStride} is smaller than KvHeads * HeadDim = {kvWidth}", Name + ".KvRowStride");
-            long needed = (long)(p.Keys - 1) * p.KvRowStride + kvWidth;
-            if (p.K.Length < needed)
-                throw new ArgumentException($"K holds {p.K.Length} floats; {p.Keys} keys need {needed}", Name + ".K");
-            if (p.V.Length < needed)
-                throw new ArgumentException($"V holds {p.V.Length} floats; {p.Keys} keys need {needed}", Name + ".V");
+            if (kvRowStride < kvWidth)
+                throw new ArgumentException($"KvRowStride {kvRowStride} is smaller than KvHeads * HeadDim = {kvWidth}", Name + ".KvRowStride");
+            long needed = (long)(keys - 1) * kvRowStride + kvWidth;
+            if (kLength < needed)
+                throw new ArgumentException($"K holds {kLength} floats; {keys} keys need {needed}", Name + ".K");
+            if (vLength < needed)
+                throw new ArgumentException($"V holds {vLength} floats; {keys} keys need {needed}", Name + ".V");
         }
-        if (!p.KeyValid.IsEmpty && p.KeyValid.Length < p.Keys)
-            throw new ArgumentException($"KeyValid holds {p.KeyValid.Length} entries; it must be empty or cover {p.Keys} keys", Name + ".KeyValid");
-        for (int i = 0; i < p.Queries; i++)
+        if (!keyValid.IsEmpty && keyValid.Length < keys)
+            throw new ArgumentException($"KeyValid holds {keyValid.Length} entries; it must be empty or cover {keys} keys", Name + ".KeyValid");
+        for (int i = 0; i < queries; i++)
         {
-            if (p.KeyStart[i] < 0)
-                throw new ArgumentException($"KeyStart[{i}] is {p.KeyStart[i]}; it must not be negative", Name + ".KeyStart");
-            if (p.KeyEnd[i] > p.Keys)
-                throw new ArgumentException($"KeyEnd[{i}] is {p.KeyEnd[i]}; there are only {p.Keys} keys", Name + ".KeyEnd");
+            if (keyStart[i] < 0)
+                throw new ArgumentException($"KeyStart[{i}] is {keyStart[i]}; it must not be negative", Name + ".KeyStart");
+            if (keyEnd[i] > keys)
+                throw new ArgumentException($"KeyEnd[{i}] is {keyEnd[i]}; there are only {keys} keys", Name + ".KeyEnd");
         }
     }
 

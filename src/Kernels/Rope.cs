@@ -20,7 +20,8 @@ public static unsafe class Rope
     public static void Apply(Span<float> x, int rows, int heads, int headDim, int rowStride, ReadOnlySpan<int> positions, float theta) =>
         Apply(x, rows, heads, headDim, rowStride, positions, theta, SimdWidths.Best.FitTo(headDim / 2));
 
-    internal static void Apply(Span<float> x, int rows, int heads, int headDim, int rowStride, ReadOnlySpan<int> positions, float theta, SimdWidth width)
+    /// <summary>Validates the operands of <see cref="Apply(Span{float}, int, int, int, int, ReadOnlySpan{int}, float)"/> (shared by every backend).</summary>
+    public static void CheckOperands(long xLength, int rows, int heads, int headDim, int rowStride, int positionsLength, float theta)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(rows);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(heads);
@@ -29,14 +30,19 @@ public static unsafe class Rope
             throw new ArgumentException($"headDim {headDim} must be even for rotate-half rotary embedding", nameof(headDim));
         if (rowStride < (long)heads * headDim)
             throw new ArgumentException($"rowStride {rowStride} is smaller than heads * headDim = {(long)heads * headDim}", nameof(rowStride));
-        if (positions.Length < rows)
-            throw new ArgumentException($"positions holds {positions.Length} entries; there are {rows} rows", nameof(positions));
+        if (positionsLength < rows)
+            throw new ArgumentException($"positions holds {positionsLength} entries; there are {rows} rows", "positions");
         if (!(theta > 0f) || float.IsInfinity(theta))
             throw new ArgumentOutOfRangeException(nameof(theta), theta, "rotary base must be positive and finite");
+        if (xLength < (long)(rows - 1) * rowStride + (long)heads * headDim)
+            throw new ArgumentException($"x holds {xLength} floats; {rows} rows with stride {rowStride} of {heads} x {headDim} need {(long)(rows - 1) * rowStride + (long)heads * headDim}", "x");
+    }
+
+    internal static void Apply(Span<float> x, int rows, int heads, int headDim, int rowStride, ReadOnlySpan<int> positions, float theta, SimdWidth width)
+    {
+        CheckOperands(x.Length, rows, heads, headDim, rowStride, positions.Length, theta);
         if (rows == 0)
             return;
-        if (x.Length < (long)(rows - 1) * rowStride + (long)heads * headDim)
-            throw new ArgumentException($"x holds {x.Length} floats; {rows} rows with stride {rowStride} of {heads} x {headDim} need {(long)(rows - 1) * rowStride + (long)heads * headDim}", nameof(x));
 
         int half = headDim / 2;
         float[]? rented = null;
