@@ -77,79 +77,9 @@ public sealed class IlgpuAttentionTests(IlgpuFixture fixture)
         backend.Attention(problem);
         float[] result = scope.Download(output);
 
-        int group = c.Heads / c.KvHeads;
-        var weights = new double[c.Keys];
-        for (int i = 0; i < c.Queries; i++)
-        {
-            for (int h = 0; h < c.Heads; h++)
-            {
-                int g = h / group;
-                double max = double.NegativeInfinity;
-                for (int j = 0; j < c.Keys; j++)
-                {
-                    weights[j] = double.NegativeInfinity;
-                    if (j < start[i] || j >= end[i] || (c.Padding && valid[j] == 0))
-                        continue;
-                    double score = 0;
-                    for (int e = 0; e < d; e++)
-                        score += (double)q[i * qStride + h * d + e] * k[j * kvStride + g * d + e];
-                    score *= c.Scale;
-                    if (c.SoftCap > 0)
-                        score = c.SoftCap * Math.Tanh(score / c.SoftCap);
-                    weights[j] = score;
-                    max = Math.Max(max, score);
-                }
-                double total = 0;
-                for (int j = 0; j < c.Keys; j++)
-                {
-                    weights[j] = double.IsNegativeInfinity(weights[j]) ? 0 : Math.Exp(weights[j] - max);
-                    total += weights[j];
-                }
-                for (int e = 0; e < d; e++)
-                {
-                    double expected = 0, magnitude = 0;
-                    for (int j = 0; j < c.Keys; j++)
-                    {
-                        if (weights[j] == 0) continue;
-                        expected += weights[j] / total * v[j * kvStride + g * d + e];
-                        magnitude = Math.Max(magnitude, Math.Abs(v[j * kvStride + g * d + e]));
-                    }
-                    float actual = result[i * c.Heads * d + h * d + e];
-                    if (total == 0)
-                        Assert.True(actual == 0f, $"query {i} head {h} sees no key and must be 0, got {actual}");
-                    else
-                        AssertClose(expected, actual, 1e-5 * magnitude, $"out[query {i}, head {h}, {e}] ({c})");
-                }
-            }
-        }
+        AttentionTests.AssertMatchesReference(q, qStride, k, v, kvStride, c.Queries, c.Keys, c.Heads, c.KvHeads, d, c.Scale, c.SoftCap,
+            start, end, c.Padding ? valid : null, result, c.ToString());
     }
 
-    private static (int[] Start, int[] End) MakeRanges(DeviceAttentionCase c, Random random)
-    {
-        var start = new int[c.Queries];
-        var end = new int[c.Queries];
-        int prefix = random.Next(0, c.Keys + 1);
-        int window = random.Next(1, 40);
-        for (int i = 0; i < c.Queries; i++)
-        {
-            // Queries are the last positions of the key sequence (prefill of a suffix, or decode).
-            int position = c.Keys - c.Queries + i;
-            switch (c.Mask)
-            {
-                case MaskKind.Full:
-                    start[i] = 0; end[i] = c.Keys;
-                    break;
-                case MaskKind.PrefixCausal:
-                    start[i] = 0; end[i] = Math.Clamp(Math.Max(prefix, position + 1), 0, c.Keys);
-                    break;
-                case MaskKind.SlidingWindow:
-                    end[i] = Math.Clamp(position + 1, 0, c.Keys); start[i] = Math.Max(0, end[i] - window);
-                    break;
-                default:
-                    start[i] = random.Next(0, c.Keys + 1); end[i] = random.Next(0, c.Keys + 1);
-                    break;
-            }
-        }
-        return (start, end);
-    }
+    private static (int[] Start, int[] End) MakeRanges(DeviceAttentionCase c, Random random) => AttentionTests.MakeRanges(c.Mask, c.Queries, c.Keys, random);
 }

@@ -91,30 +91,41 @@ public sealed class AttentionTests
         else
             Attention.Forward(problem);
 
-        int group = c.Heads / c.KvHeads;
-        var weights = new double[c.Keys];
-        for (int i = 0; i < c.Queries; i++)
+        AssertMatchesReference(q, qStride, k, v, kvStride, c.Queries, c.Keys, c.Heads, c.KvHeads, d, c.Scale, c.SoftCap,
+            start, end, c.Padding ? valid : null, output, c.ToString());
+    }
+
+    /// <summary>
+    /// The scalar reference (fp64 softmax over each query's visible, unmasked keys) against <paramref name="output"/>
+    /// [queries, heads·d]; a query that sees no key must be exactly 0. Shared by every backend's attention tests.
+    /// </summary>
+    internal static void AssertMatchesReference(float[] q, int qStride, float[] k, float[] v, int kvStride, int queries, int keys,
+        int heads, int kvHeads, int d, float scale, float softCap, int[] start, int[] end, byte[]? valid, ReadOnlySpan<float> output, string what)
+    {
+        int group = heads / kvHeads;
+        var weights = new double[keys];
+        for (int i = 0; i < queries; i++)
         {
-            for (int h = 0; h < c.Heads; h++)
+            for (int h = 0; h < heads; h++)
             {
                 int g = h / group;
                 double max = double.NegativeInfinity;
-                for (int j = 0; j < c.Keys; j++)
+                for (int j = 0; j < keys; j++)
                 {
                     weights[j] = double.NegativeInfinity;
-                    if (j < start[i] || j >= end[i] || (c.Padding && valid[j] == 0))
+                    if (j < start[i] || j >= end[i] || (valid is not null && valid[j] == 0))
                         continue;
                     double score = 0;
                     for (int e = 0; e < d; e++)
                         score += (double)q[i * qStride + h * d + e] * k[j * kvStride + g * d + e];
-                    score *= c.Scale;
-                    if (c.SoftCap > 0)
-                        score = c.SoftCap * Math.Tanh(score / c.SoftCap);
+                    score *= scale;
+                    if (softCap > 0)
+                        score = softCap * Math.Tanh(score / softCap);
                     weights[j] = score;
                     max = Math.Max(max, score);
                 }
                 double total = 0;
-                for (int j = 0; j < c.Keys; j++)
+                for (int j = 0; j < keys; j++)
                 {
                     weights[j] = double.IsNegativeInfinity(weights[j]) ? 0 : Math.Exp(weights[j] - max);
                     total += weights[j];
@@ -122,45 +133,48 @@ public sealed class AttentionTests
                 for (int e = 0; e < d; e++)
                 {
                     double expected = 0, magnitude = 0;
-                    for (int j = 0; j < c.Keys; j++)
+                    for (int j = 0; j < keys; j++)
                     {
                         if (weights[j] == 0) continue;
                         expected += weights[j] / total * v[j * kvStride + g * d + e];
                         magnitude = Math.Max(magnitude, Math.Abs(v[j * kvStride + g * d + e]));
                     }
-                    float actual = output[i * c.Heads * d + h * d + e];
+                    float actual = output[i * heads * d + h * d + e];
                     if (total == 0)
                         Assert.True(actual == 0f, $"query {i} head {h} sees no key and must be 0, got {actual}");
                     else
-                        AssertClose(expected, actual, 1e-5 * magnitude, $"out[query {i}, head {h}, {e}] ({c})");
+                        AssertClose(expected, actual, 1e-5 * magnitude, $"out[query {i}, head {h}, {e}] ({what})");
                 }
             }
         }
     }
 
-    private static (int[] Start, int[] End) MakeRanges(AttentionCase c, Random random)
+    private static (int[] Start, int[] End) MakeRanges(AttentionCase c, Random random) => MakeRanges(c.Mask, c.Queries, c.Keys, random);
+
+    /// <summary>Per-query visible key ranges of a mask kind; the queries are the last positions of the key sequence.</summary>
+    internal static (int[] Start, int[] End) MakeRanges(MaskKind mask, int queries, int keys, Random random)
     {
-        var start = new int[c.Queries];
-        var end = new int[c.Queries];
-        int prefix = random.Next(0, c.Keys + 1);
+        var start = new int[queries];
+        var end = new int[queries];
+        int prefix = random.Next(0, keys + 1);
         int window = random.Next(1, 40);
-        for (int i = 0; i < c.Queries; i++)
+        for (int i = 0; i < queries; i++)
         {
             // Queries are the last Queries positions of the key sequence (prefill of a suffix or decode).
-            int position = c.Keys - c.Queries + i;
-            switch (c.Mask)
+            int position = keys - queries + i;
+            switch (mask)
             {
                 case MaskKind.Full:
-                    start[i] = 0; end[i] = c.Keys;
+                    start[i] = 0; end[i] = keys;
                     break;
                 case MaskKind.PrefixCausal:
-                    start[i] = 0; end[i] = Math.Clamp(Math.Max(prefix, position + 1), 0, c.Keys);
+                    start[i] = 0; end[i] = Math.Clamp(Math.Max(prefix, position + 1), 0, keys);
                     break;
                 case MaskKind.SlidingWindow:
-                    end[i] = Math.Clamp(position + 1, 0, c.Keys); start[i] = Math.Max(0, end[i] - window);
+                    end[i] = Math.Clamp(position + 1, 0, keys); start[i] = Math.Max(0, end[i] - window);
                     break;
                 default:
-                    start[i] = random.Next(0, c.Keys + 1); end[i] = random.Next(0, c.Keys + 1);
+                    start[i] = random.Next(0, keys + 1); end[i] = random.Next(0, keys + 1);
                     break;
             }
         }
