@@ -169,30 +169,8 @@ public sealed class IlgpuVectorOpsTests(IlgpuFixture fixture)
         Verify(scope.Download(last), positions, c.Theta);
         Verify(scope.Download(otherBase), positions, 2 * c.Theta);
 
-        void Verify(float[] rotated, int[] at, float theta)
-        {
-            int half = c.HeadDim / 2;
-            for (int r = 0; r < c.Rows; r++)
-            {
-                for (int i = 0; i < half; i++)
-                {
-                    // Hugging Face: float32 inv_freq = 1 / theta^(2i/d), float32 angle = position * inv_freq; cos/sin of that float.
-                    float invFreq = 1f / MathF.Pow(theta, (2 * i) / (float)c.HeadDim);
-                    float angle = at[r] * invFreq;
-                    double cos = (float)Math.Cos(angle), sin = (float)Math.Sin(angle);
-                    for (int h = 0; h < c.Heads; h++)
-                    {
-                        int lo = r * stride + h * c.HeadDim + i, hi = lo + half;
-                        double a = x[lo], b = x[hi];
-                        double tolerance = 1e-6 * (Math.Abs(a) + Math.Abs(b));
-                        AssertClose(a * cos - b * sin, rotated[lo], tolerance, $"row {r} head {h} i {i} (position {at[r]})");
-                        AssertClose(b * cos + a * sin, rotated[hi], tolerance, $"row {r} head {h} i {i + half} (position {at[r]})");
-                    }
-                }
-                for (int j = c.Heads * c.HeadDim; j < stride && r * stride + j < x.Length; j++)
-                    Assert.Equal(x[r * stride + j], rotated[r * stride + j]);
-            }
-        }
+        void Verify(float[] rotated, int[] at, float theta) =>
+            PaliGemma.CpuOnly.Tests.Kernels.RopeTests.AssertMatchesReference(x, rotated, c.Rows, c.Heads, c.HeadDim, stride, at, theta);
     }
 
     [Fact]

@@ -37,27 +37,37 @@ public sealed class RopeTests
 
         Rope.Apply(x, c.Rows, c.Heads, c.HeadDim, stride, positions, c.Theta, c.Width.ToSimd());
 
-        int half = c.HeadDim / 2;
-        for (int r = 0; r < c.Rows; r++)
+        AssertMatchesReference(original, x, c.Rows, c.Heads, c.HeadDim, stride, positions, c.Theta);
+    }
+
+    /// <summary>
+    /// Scalar reference of rotate-half RoPE with Hugging Face's float32 angles, against <paramref name="rotated"/>; the gap
+    /// between rows must be untouched. Shared by every backend's RoPE tests.
+    /// </summary>
+    internal static void AssertMatchesReference(float[] original, ReadOnlySpan<float> rotated, int rows, int heads, int headDim, int stride,
+        ReadOnlySpan<int> positions, float theta)
+    {
+        int half = headDim / 2;
+        for (int r = 0; r < rows; r++)
         {
             for (int i = 0; i < half; i++)
             {
                 // Hugging Face: float32 inv_freq = 1 / theta^(2i/d), float32 angle = position * inv_freq; cos/sin of that float.
-                float invFreq = 1f / MathF.Pow(c.Theta, (2 * i) / (float)c.HeadDim);
+                float invFreq = 1f / MathF.Pow(theta, (2 * i) / (float)headDim);
                 float angle = positions[r] * invFreq;
                 double cos = (float)Math.Cos(angle), sin = (float)Math.Sin(angle);
-                for (int h = 0; h < c.Heads; h++)
+                for (int h = 0; h < heads; h++)
                 {
-                    int lo = r * stride + h * c.HeadDim + i, hi = lo + half;
+                    int lo = r * stride + h * headDim + i, hi = lo + half;
                     double a = original[lo], b = original[hi];
                     double tolerance = 1e-6 * (Math.Abs(a) + Math.Abs(b));
-                    AssertClose(a * cos - b * sin, x[lo], tolerance, $"row {r} head {h} i {i} (position {positions[r]})");
-                    AssertClose(b * cos + a * sin, x[hi], tolerance, $"row {r} head {h} i {i + half} (position {positions[r]})");
+                    AssertClose(a * cos - b * sin, rotated[lo], tolerance, $"row {r} head {h} i {i} (position {positions[r]})");
+                    AssertClose(b * cos + a * sin, rotated[hi], tolerance, $"row {r} head {h} i {i + half} (position {positions[r]})");
                 }
             }
             // The gap between rows is not touched.
-            for (int j = c.Heads * c.HeadDim; j < stride && r * stride + j < x.Length; j++)
-                Assert.Equal(original[r * stride + j], x[r * stride + j]);
+            for (int j = heads * headDim; j < stride && r * stride + j < original.Length; j++)
+                Assert.Equal(original[r * stride + j], rotated[r * stride + j]);
         }
     }
 
