@@ -625,13 +625,8 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
 
     private static void CheckRows(DeviceSpan x, DeviceSpan y, int rows, int dim)
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(rows);
-        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(dim);
+        PaliGemma.CpuOnly.Kernels.Norms.CheckRows(x.Length, y.Length, rows, dim);
         long needed = (long)rows * dim;
-        if (x.Length < needed)
-            throw new ArgumentException($"x holds {x.Length} floats; {rows} rows of {dim} need {needed}", nameof(x));
-        if (y.Length < needed)
-            throw new ArgumentException($"y holds {y.Length} floats; {rows} rows of {dim} need {needed}", nameof(y));
         if (Overlap(x.Slice(0, needed), y.Slice(0, needed)) && x.Offset != y.Offset)
             throw new ArgumentException("y partially overlaps x; normalisations run in place or on separate ranges", nameof(y));
     }

@@ -63,15 +63,18 @@ public static unsafe class Norms
         }
     }
 
-    private static void ValidateRows(ReadOnlySpan<float> x, Span<float> y, int rows, int dim)
+    private static void ValidateRows(ReadOnlySpan<float> x, Span<float> y, int rows, int dim) => CheckRows(x.Length, y.Length, rows, dim);
+
+    /// <summary>Validates x and y of a row-wise normalisation of <paramref name="rows"/> x <paramref name="dim"/> floats (shared by every backend).</summary>
+    public static void CheckRows(long xLength, long yLength, int rows, int dim)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(rows);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(dim);
         long needed = (long)rows * dim;
-        if (x.Length < needed)
-            throw new ArgumentException($"x holds {x.Length} floats; {rows} rows of {dim} need {needed}", nameof(x));
-        if (y.Length < needed)
-            throw new ArgumentException($"y holds {y.Length} floats; {rows} rows of {dim} need {needed}", nameof(y));
+        if (xLength < needed)
+            throw new ArgumentException($"x holds {xLength} floats; {rows} rows of {dim} need {needed}", "x");
+        if (yLength < needed)
+            throw new ArgumentException($"y holds {yLength} floats; {rows} rows of {dim} need {needed}", "y");
     }
 
     private static void LayerNormRows<TOps, TVec>(float* x, float* y, int rows, int dim, float* gamma, float* beta, float eps)
