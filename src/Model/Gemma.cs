@@ -473,22 +473,15 @@ public sealed class GemmaDecoder
             LmHeadOperand.MultiplyOnHost(normedHidden[..(rows * h)], rows, default, logits[..(rows * vocab)], cap);
             return;
         }
+        // With a cache, its workspace lends the buffers (sized up as needed), so repeated calls allocate nothing.
         DecoderWorkspace? ws = cache is not null && ReferenceEquals(cache.Backend, _backend) ? WorkspaceFor(cache, Math.Max(rows, 1)) : null;
-        DeviceBuffer input = ws is not null && ws.Rows >= rows ? ws.Normed : _backend.Allocate((long)rows * h);
-        DeviceBuffer output;
-        if (ws is not null && ws.Rows >= rows)
+        DeviceBuffer input = ws?.Normed ?? _backend.Allocate((long)rows * h);
+        if (ws is not null && (ws.Logits is null || ws.Logits.Length < (long)rows * vocab))
         {
-            if (ws.Logits is null || ws.Logits.Length < (long)rows * vocab)
-            {
-                ws.Logits?.Dispose();
-                ws.Logits = _backend.Allocate((long)rows * vocab);
-            }
-            output = ws.Logits;
+            ws.Logits?.Dispose();
+            ws.Logits = _backend.Allocate((long)rows * vocab);
         }
-        else
-        {
-            output = _backend.Allocate((long)rows * vocab);
-        }
+        DeviceBuffer output = ws?.Logits ?? _backend.Allocate((long)rows * vocab);
         try
         {
             _backend.Write(normedHidden[..(rows * h)], input.Slice(0, rows * h));
@@ -497,7 +490,7 @@ public sealed class GemmaDecoder
         }
         finally
         {
-            if (ws is null || ws.Rows < rows)
+            if (ws is null)
             {
                 input.Dispose();
                 output.Dispose();
@@ -532,12 +525,7 @@ public sealed class GemmaDecoder
         _backend = backend;
     }
 
-    internal static DeviceBuffer Resident(IComputeBackend backend, float[] values)
-    {
-        var buffer = backend.Allocate(values.Length);
-        backend.Write(values, buffer.Span);
-        return buffer;
-    }
+    private static DeviceBuffer Resident(IComputeBackend backend, float[] values) => SmallTensors.Upload(backend, values);
 
     private static DeviceBuffer? ResidentOrNull(IComputeBackend backend, float[]? values) => values is null ? null : Resident(backend, values);
 

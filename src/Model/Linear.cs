@@ -123,4 +123,12 @@ internal static class SmallTensors
 {
     public static float[] Load(SafetensorsCheckpoint checkpoint, string name, int length) =>
         checkpoint.Require(name, [length]).ToFloatArray();
+
+    /// <summary>A backend copy of a small fp32 vector (norm weights, biases, position embeddings), made once at load.</summary>
+    public static DeviceBuffer Upload(IComputeBackend backend, float[] values)
+    {
+        var buffer = backend.Allocate(values.Length);
+        backend.Write(values, buffer.Span);
+        return buffer;
+    }
 }

@@ -155,13 +155,13 @@ public sealed class SigLipVisionTower
         for (int i = 0; i < norms.Length; i++)
         {
             var l = _layers[i];
-            norms[i] = new ResidentNorms(GemmaDecoder.Resident(backend, l.Norm1Weight), GemmaDecoder.Resident(backend, l.Norm1Bias),
-                GemmaDecoder.Resident(backend, l.Norm2Weight), GemmaDecoder.Resident(backend, l.Norm2Bias));
+            norms[i] = new ResidentNorms(SmallTensors.Upload(backend, l.Norm1Weight), SmallTensors.Upload(backend, l.Norm1Bias),
+                SmallTensors.Upload(backend, l.Norm2Weight), SmallTensors.Upload(backend, l.Norm2Bias));
         }
         _residentNorms = norms;
-        _residentPositions = GemmaDecoder.Resident(backend, _positionEmbedding);
-        _residentPostNormWeight = GemmaDecoder.Resident(backend, _postNormWeight);
-        _residentPostNormBias = GemmaDecoder.Resident(backend, _postNormBias);
+        _residentPositions = SmallTensors.Upload(backend, _positionEmbedding);
+        _residentPostNormWeight = SmallTensors.Upload(backend, _postNormWeight);
+        _residentPostNormBias = SmallTensors.Upload(backend, _postNormBias);
         _backend = backend;
     }
 
