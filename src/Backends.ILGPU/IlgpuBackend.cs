@@ -324,7 +324,12 @@ public sealed class IlgpuBackend : IComputeBackend, IDisposable
         codes.View.CopyFromCPU(_stream, ref Unsafe.AsRef<byte>(q.Blocks), q.BlockByteCount);
         var scales = _accelerator.Allocate1D<float>(q.ScaleCount);
         memory.Add(scales);
-        scales.View.CopyFromCPU(_stream, ref Unsafe.AsRef<float>(q.Scales), q.ScaleCount);
+        // The device reads fp32 scales whatever the host stores (fp16 scales are widened once, here).
+        var widened = new float[q.ScaleCount];
+        for (int row = 0; row < q.Rows; row++)
+            q.ReadScales(row, widened.AsSpan(row * q.BlocksPerRow, q.BlocksPerRow));
+        scales.View.CopyFromCPU(_stream, widened);
+        _stream.Synchronize();
         switch (q.Format)
         {
             case QuantFormat.Q8:

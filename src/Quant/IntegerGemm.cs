@@ -359,7 +359,7 @@ internal static unsafe class IntegerGemm
             }
             long first = (long)(n0 + r) * perRow + b0;
             sbyte* source = (sbyte*)w.Blocks + first * BlockSize;
-            new ReadOnlySpan<float>(w.Scales + first, blocks).CopyTo(new Span<float>(scales + r * chunk, blocks));
+            w.ReadScales(n0 + r, b0, blocks, new Span<float>(scales + r * chunk, blocks));
             if (bytes)
                 OffsetCopy(source, target, blocks * BlockSize);
             else

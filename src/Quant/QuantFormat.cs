@@ -3,9 +3,9 @@ namespace PaliGemma.CpuOnly.Quant;
 /// <summary>Block formats for quantized weight matrices. Blocks run along K (the input features) within one row.</summary>
 public enum QuantFormat
 {
-    /// <summary>Symmetric int8, 32 weights per block, one fp32 scale per block: w = q · scale, q in [-127, 127].</summary>
+    /// <summary>Symmetric int8, 32 weights per block, one fp16 scale per block (fp32 where it does not fit, see <see cref="QuantizedMatrix.ScaleType"/>): w = q · scale, q in [-127, 127].</summary>
     Q8,
-    /// <summary>4-bit NormalFloat, 64 weights per block, one fp32 absmax per block: w = NF4[code] · absmax.</summary>
+    /// <summary>4-bit NormalFloat, 64 weights per block, one fp16 absmax per block (fp32 where it does not fit): w = NF4[code] · absmax.</summary>
     Nf4,
 }
 

@@ -145,6 +145,9 @@ public static unsafe class QuantMatMul
         }
     }
 
+    // Per-thread fp32 copy of the fp16 scales of the W rows a GEMV pass reads (pinned: the kernels take its address).
+    [ThreadStatic] private static float[]? t_scales;
+
     private struct GemvJob(QuantizedMatrix w, float* x, int xStride, int rows, float* bias, float* y, float softCap, GemvPath path) : IWorkItems
     {
         public void Run(int item)
@@ -153,6 +156,9 @@ public static unsafe class QuantMatMul
             int n1 = Math.Min(w.Rows, n0 + GemvRowsPerItem);
             int blocks = w.BlocksPerRow;
             int yStride = w.Rows;
+            // fp16 scales are widened to fp32 four W rows at a time (a few KB, stays in L1); fp32 scales are read in place.
+            float[] widened = t_scales is { } buffer && buffer.Length >= 4 * blocks ? buffer : (t_scales = GC.AllocateUninitializedArray<float>(Math.Max(4 * blocks, 256), pinned: true));
+            float* scaleBuffer = (float*)Unsafe.AsPointer(ref widened[0]);
             int n = n0;
             if (rows == 1 && path == GemvPath.Vector512)
             {
@@ -161,7 +167,7 @@ public static unsafe class QuantMatMul
                 for (; n + 4 <= n1; n += 4)
                 {
                     byte* codes = w.Blocks + (long)n * blocks * 32;
-                    float* scales = w.Scales + (long)n * blocks;
+                    float* scales = w.ScalesAsSingle((long)n * blocks, 4 * blocks, scaleBuffer);
                     if (w.Format == QuantFormat.Q8)
                         DotQ8FourRowsVector512(codes, scales, blocks, x, sums);
                     else
@@ -173,7 +179,7 @@ public static unsafe class QuantMatMul
             for (; n < n1; n++)
             {
                 byte* codes = w.Blocks + (long)n * blocks * 32;
-                float* scales = w.Scales + (long)n * blocks;
+                float* scales = w.ScalesAsSingle((long)n * blocks, blocks, scaleBuffer);
                 for (int m = 0; m < rows; m += 4)
                 {
                     int count = Math.Min(4, rows - m);

@@ -6,8 +6,11 @@ namespace PaliGemma.CpuOnly.Quant;
 
 /// <summary>
 /// How quantized matrices are stored in safetensors. A weight <c>W</c> of shape [N, K] becomes two tensors:
-/// q8: <c>W.q8</c> I8 [N, blocks·32] and <c>W.q8_scales</c> F32 [N, blocks] (blocks = ceil(K / 32));
-/// nf4: <c>W.nf4</c> U8 [N, blocks·32] and <c>W.nf4_absmax</c> F32 [N, blocks] (blocks = ceil(K / 64)).
+/// q8: <c>W.q8</c> I8 [N, blocks·32] and <c>W.q8_scales</c> F16 [N, blocks] (blocks = ceil(K / 32));
+/// nf4: <c>W.nf4</c> U8 [N, blocks·32] and <c>W.nf4_absmax</c> F16 [N, blocks] (blocks = ceil(K / 64)).
+/// A scale tensor is F32 instead when one of its blocks' scales does not fit fp16 (<see cref="Quantizer.ScaleFits"/>),
+/// and in checkpoints of layout <see cref="LayoutVersionFp32"/>, written before fp16 scales (all F32); the loader reads
+/// the scale dtype from the tensor.
 /// Every file of a quantized checkpoint carries the metadata <see cref="FormatKey"/> (the format of the Linear layers),
 /// <see cref="EmbeddingFormatKey"/> (always q8) and <see cref="LayoutKey"/>; the loader checks them and every shape.
 /// </summary>
@@ -16,8 +19,12 @@ public static class QuantizedCheckpoint
     public const string FormatKey = "paligemma.quantization";
     public const string EmbeddingFormatKey = "paligemma.quantization.embedding";
     public const string LayoutKey = "paligemma.quantization.layout";
-    /// <summary>Version tag of the block layouts documented on <see cref="QuantizedMatrix"/>.</summary>
-    public const string LayoutVersion = "rows-of-blocks-v1";
+    /// <summary>Version tag of the block layouts documented on <see cref="QuantizedMatrix"/>: F16 scales (F32 for a tensor whose scales do not fit fp16).</summary>
+    public const string LayoutVersion = "rows-of-blocks-v2";
+    /// <summary>The same block layout with F32 scales only, as written before fp16 scales; still read.</summary>
+    public const string LayoutVersionFp32 = "rows-of-blocks-v1";
+
+    private static bool IsKnownLayout(string? layout) => layout is LayoutVersion or LayoutVersionFp32;
 
     /// <summary>Name of the packed-code tensor of <paramref name="weightName"/>.</summary>
     public static string CodesName(string weightName, QuantFormat format) => weightName + (format == QuantFormat.Q8 ? ".q8" : ".nf4");
@@ -49,8 +56,8 @@ public static class QuantizedCheckpoint
             {
                 if (found is { } other && other != f)
                     throw new InvalidDataException($"'{checkpoint.Directory}': files disagree on {FormatKey} ({other.Name()} and {f.Name()})");
-                if (!file.Metadata.TryGetValue(LayoutKey, out string? layout) || layout != LayoutVersion)
-                    throw new InvalidDataException($"'{file.Path}': metadata {LayoutKey} is '{layout}' but this build reads '{LayoutVersion}'");
+                if (!file.Metadata.TryGetValue(LayoutKey, out string? layout) || !IsKnownLayout(layout))
+                    throw new InvalidDataException($"'{file.Path}': metadata {LayoutKey} is '{layout}' but this build reads '{LayoutVersion}' and '{LayoutVersionFp32}'");
                 found = f;
             }
         }
@@ -69,7 +76,7 @@ public static class QuantizedCheckpoint
             string codesName = CodesName(weightName, format);
             if (!checkpoint.TryGet(codesName, out var codes))
                 continue;
-            CheckMetadata(checkpoint, codesName, format, weightName);
+            string layout = CheckMetadata(checkpoint, codesName, format, weightName);
             string scalesName = ScalesName(weightName, format);
             if (!checkpoint.TryGet(scalesName, out var scales))
                 throw new InvalidDataException($"'{checkpoint.Directory}': tensor '{codesName}' has no scale tensor '{scalesName}'");
@@ -77,8 +84,10 @@ public static class QuantizedCheckpoint
             var expectedDType = format == QuantFormat.Q8 ? DType.I8 : DType.U8;
             if (codes.DType != expectedDType)
                 throw new InvalidDataException($"'{checkpoint.Directory}': tensor '{codesName}' has dtype {codes.DType.ToHeaderName()}; {format.Name()} codes are {expectedDType.ToHeaderName()}");
-            if (scales.DType != DType.F32)
-                throw new InvalidDataException($"'{checkpoint.Directory}': tensor '{scalesName}' has dtype {scales.DType.ToHeaderName()}; scales are F32");
+            bool fp32Only = layout == LayoutVersionFp32;
+            if (scales.DType != DType.F32 && (fp32Only || scales.DType != DType.F16))
+                throw new InvalidDataException($"'{checkpoint.Directory}': tensor '{scalesName}' has dtype {scales.DType.ToHeaderName()}; " +
+                    (fp32Only ? $"scales of layout {layout} are F32" : "scales are F16 or F32"));
             if (codes.Rank != 2 || codes.Shape[0] != rows || codes.Shape[1] != (long)blocks * format.BlockBytes())
                 throw new InvalidDataException(
                     $"'{checkpoint.Directory}': tensor '{codesName}' has shape {codes.ShapeText}; [{rows}, {blocks * format.BlockBytes()}] expected " +
@@ -86,7 +95,9 @@ public static class QuantizedCheckpoint
             if (scales.Rank != 2 || scales.Shape[0] != rows || scales.Shape[1] != blocks)
                 throw new InvalidDataException(
                     $"'{checkpoint.Directory}': tensor '{scalesName}' has shape {scales.ShapeText}; [{rows}, {blocks}] expected ({blocks} {format.Name()} blocks per row for K = {cols})");
-            return new QuantizedMatrix(format, rows, cols, codes.Pointer, (float*)scales.Pointer);
+            return scales.DType == DType.F16
+                ? new QuantizedMatrix(format, rows, cols, codes.Pointer, (Half*)scales.Pointer)
+                : new QuantizedMatrix(format, rows, cols, codes.Pointer, (float*)scales.Pointer);
         }
         return null;
     }
@@ -94,7 +105,8 @@ public static class QuantizedCheckpoint
     private static string BlockCountHint(in TensorData codes, QuantFormat format) =>
         codes.Rank == 2 && codes.Shape[1] % format.BlockBytes() == 0 ? $", i.e. {codes.Shape[1] / format.BlockBytes()} blocks per row" : "";
 
-    private static void CheckMetadata(SafetensorsCheckpoint checkpoint, string tensorName, QuantFormat format, string weightName)
+    /// <summary>Checks the metadata of the file holding <paramref name="tensorName"/>; returns its layout version.</summary>
+    private static string CheckMetadata(SafetensorsCheckpoint checkpoint, string tensorName, QuantFormat format, string weightName)
     {
         foreach (var file in checkpoint.Files)
         {
@@ -105,10 +117,11 @@ public static class QuantizedCheckpoint
                 throw new InvalidDataException($"'{file.Path}': tensor '{tensorName}' is {format.Name()}-quantized but the file's metadata has no {key}");
             if (QuantFormats.Parse(recorded) != format)
                 throw new InvalidDataException($"'{file.Path}': tensor '{tensorName}' is {format.Name()} but the file's metadata records {key} = '{recorded}'");
-            if (!file.Metadata.TryGetValue(LayoutKey, out string? layout) || layout != LayoutVersion)
-                throw new InvalidDataException($"'{file.Path}': tensor '{tensorName}': metadata {LayoutKey} is '{layout}' but this build reads '{LayoutVersion}'");
-            return;
+            if (!file.Metadata.TryGetValue(LayoutKey, out string? layout) || !IsKnownLayout(layout))
+                throw new InvalidDataException($"'{file.Path}': tensor '{tensorName}': metadata {LayoutKey} is '{layout}' but this build reads '{LayoutVersion}' and '{LayoutVersionFp32}'");
+            return layout!;
         }
+        throw new InvalidDataException($"'{checkpoint.Directory}': no file holds tensor '{tensorName}'");
     }
 
     /// <summary>True for the weights the quantizer converts: every Linear weight of SigLIP, the projector and Gemma.</summary>
@@ -147,9 +160,9 @@ public static class QuantizedCheckpoint
                 held.Add(matrix);
                 writer.Add(CodesName(name, f), f == QuantFormat.Q8 ? DType.I8 : DType.U8, [matrix.Rows, (long)matrix.BlocksPerRow * f.BlockBytes()],
                     stream => stream.Write(matrix.AllBlocks));
-                writer.Add(ScalesName(name, f), DType.F32, [matrix.Rows, matrix.BlocksPerRow],
-                    stream => stream.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(matrix.AllScales)));
-                log?.Invoke($"{name}: {tensor.DType.ToHeaderName()} {tensor.ShapeText} -> {f.Name()}");
+                writer.Add(ScalesName(name, f), matrix.ScaleType, [matrix.Rows, matrix.BlocksPerRow], stream => stream.Write(matrix.AllScaleBytes));
+                log?.Invoke($"{name}: {tensor.DType.ToHeaderName()} {tensor.ShapeText} -> {f.Name()}" +
+                    (matrix.ScaleType == DType.F16 ? "" : " (F32 scales: a block's scale is outside fp16's range)"));
             }
             else
             {

@@ -1,4 +1,6 @@
 using System.Numerics.Tensors;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 using PaliGemma.CpuOnly.Kernels;
@@ -6,7 +8,11 @@ using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Quant;
 
-/// <summary>Block quantization and dequantization of weight rows (round to nearest; see <see cref="QuantFormat"/>).</summary>
+/// <summary>
+/// Block quantization and dequantization of weight rows (see <see cref="QuantFormat"/>). Each block's scale is rounded
+/// to the stored scale type (fp16 or fp32) before its codes are chosen, so the codes are the nearest ones for the scale
+/// that is actually stored.
+/// </summary>
 public static class Quantizer
 {
     /// <summary>The 16 NF4 code values of bitsandbytes, ascending; code 7 is exactly 0.</summary>
@@ -17,6 +23,15 @@ public static class Quantizer
         0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
         0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
     ];
+
+    /// <summary>
+    /// The smallest nonzero block scale stored as fp16 (2^-15). Below it fp16's subnormal spacing (2^-24) would round a
+    /// scale by more than 2^-10 of its value (normal fp16 numbers: at most 2^-11), so a matrix with such a block keeps fp32 scales.
+    /// </summary>
+    public const float MinHalfScale = 1f / 32768f;
+
+    /// <summary>The largest fp16 value; a matrix with a larger block scale keeps fp32 scales.</summary>
+    public const float MaxHalfScale = 65504f;
 
     // Midpoints between consecutive codes: a normalized value v gets the code of the number of midpoints below it.
     private static readonly float[] s_nf4Midpoints = BuildMidpoints();
@@ -30,11 +45,60 @@ public static class Quantizer
     }
 
     /// <summary>
-    /// Quantizes one row of K weights into <c>BlocksPerRow(K)</c> blocks (<paramref name="blocks"/>, 32 bytes each) and
-    /// as many scales. The padding past K in the last block is encoded as 0.
+    /// The nearest value of <paramref name="scaleType"/> (F16 or F32) to a finite, non-negative fp32 scale, as fp32;
+    /// +∞ when it is beyond fp16's range. Equals <c>(float)(Half)scale</c> for F16 (round to nearest even), without its cost.
     /// </summary>
-    public static void QuantizeRow(QuantFormat format, ReadOnlySpan<float> row, Span<byte> blocks, Span<float> scales)
+    public static float RoundScale(float scale, DType scaleType)
     {
+        if (scaleType == DType.F32)
+            return scale;
+        if (scaleType != DType.F16)
+            throw new ArgumentException($"block scales are F16 or F32, not {scaleType}", nameof(scaleType));
+        return RoundToHalf(scale);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float RoundToHalf(float scale)
+    {
+        const float SmallestNormal = 1f / 16384f;
+        if (scale < SmallestNormal)
+            // Subnormal fp16: multiples of 2^-24 (scaling by a power of two is exact).
+            return MathF.Round(scale * 16777216f) * (1f / 16777216f);
+        // Normal fp16: 10 fraction bits, i.e. drop 13 of fp32's 23, ties to even.
+        uint bits = BitConverter.SingleToUInt32Bits(scale);
+        bits = (bits + 0xFFFu + ((bits >> 13) & 1u)) & ~0x1FFFu;
+        float rounded = BitConverter.UInt32BitsToSingle(bits);
+        return rounded > MaxHalfScale ? float.PositiveInfinity : rounded;
+    }
+
+    /// <summary>
+    /// True when a block scale (before rounding) may be stored as <paramref name="scaleType"/>: always for F32; for F16
+    /// when it is 0 (an all-zero block) or rounds to a value in [<see cref="MinHalfScale"/>, <see cref="MaxHalfScale"/>].
+    /// </summary>
+    public static bool ScaleFits(float scale, DType scaleType)
+    {
+        if (scaleType == DType.F32 || scale == 0f)
+            return true;
+        float rounded = RoundScale(scale, scaleType);
+        return rounded >= MinHalfScale && rounded <= MaxHalfScale;
+    }
+
+    /// <summary>
+    /// Quantizes one row of K weights into <c>BlocksPerRow(K)</c> blocks (<paramref name="blocks"/>, 32 bytes each) and
+    /// as many fp32 scales. The padding past K in the last block is encoded as 0.
+    /// </summary>
+    public static void QuantizeRow(QuantFormat format, ReadOnlySpan<float> row, Span<byte> blocks, Span<float> scales) =>
+        TryQuantizeRow(format, row, blocks, scales, DType.F32);
+
+    /// <summary>
+    /// Quantizes one row as <see cref="QuantizeRow"/> with scales rounded to <paramref name="scaleType"/> (F16 or F32):
+    /// <paramref name="scales"/> receives their fp32 values, exactly representable as <paramref name="scaleType"/>.
+    /// Returns false, leaving the row incomplete, when a block's scale does not fit (<see cref="ScaleFits"/>; only fp16 can fail).
+    /// </summary>
+    public static bool TryQuantizeRow(QuantFormat format, ReadOnlySpan<float> row, Span<byte> blocks, Span<float> scales, DType scaleType)
+    {
+        if (scaleType is not (DType.F16 or DType.F32))
+            throw new ArgumentException($"block scales are F16 or F32, not {scaleType}", nameof(scaleType));
         int blockSize = format.BlockSize();
         int count = format.BlocksPerRow(row.Length);
         if (blocks.Length < count * format.BlockBytes())
@@ -52,39 +116,52 @@ public static class Quantizer
                 values.CopyTo(padded);
                 values = padded[..blockSize];
             }
+            float absMax = MathF.Abs(TensorPrimitives.MaxMagnitude(values));
+            if (!float.IsFinite(absMax))
+                throw new ArgumentException("weights must be finite to be quantized", nameof(row));
+            float natural = format == QuantFormat.Q8 ? absMax / 127f : absMax;
+            if (!ScaleFits(natural, scaleType))
+                return false;
+            float scale = RoundScale(natural, scaleType);
             Span<byte> block = blocks.Slice(b * format.BlockBytes(), format.BlockBytes());
-            scales[b] = format == QuantFormat.Q8 ? QuantizeQ8Block(values, block) : QuantizeNf4Block(values, block);
+            if (format == QuantFormat.Q8)
+                EncodeQ8Block(values, scale, block);
+            else
+                EncodeNf4Block(values, scale, block);
+            scales[b] = scale;
         }
+        return true;
     }
 
-    private static float QuantizeQ8Block(ReadOnlySpan<float> values, Span<byte> block)
+    /// <summary>The q8 codes of one block of 32 for a given scale: round(w / scale), clamped to ±127.</summary>
+    private static void EncodeQ8Block(ReadOnlySpan<float> values, float scale, Span<byte> block)
     {
-        float absMax = TensorPrimitives.MaxMagnitude(values);
-        if (!float.IsFinite(absMax))
-            throw new ArgumentException("weights must be finite to be quantized", nameof(values));
-        absMax = MathF.Abs(absMax);
-        if (absMax == 0f)
+        if (scale == 0f)
         {
             block.Clear();
-            return 0f;
+            return;
         }
-        float scale = absMax / 127f;
-        float inverse = 127f / absMax;
-        for (int i = 0; i < values.Length; i++)
+        float inverse = 1f / scale;
+        if (Vector512.IsHardwareAccelerated)
         {
-            float q = MathF.Round(values[i] * inverse);
-            block[i] = (byte)(sbyte)Math.Clamp(q, -127f, 127f);
+            ref float source = ref MemoryMarshal.GetReference(values);
+            var limit = Vector512.Create(127f);
+            var s = Vector512.Create(inverse);
+            Vector512<int> low = Vector512.ConvertToInt32(Vector512.Clamp(Vector512.Round(Vector512.LoadUnsafe(ref source) * s), -limit, limit));
+            Vector512<int> high = Vector512.ConvertToInt32(Vector512.Clamp(Vector512.Round(Vector512.LoadUnsafe(ref source, 16) * s), -limit, limit));
+            Vector512<short> words = Vector512.Narrow(low, high);
+            Vector256<sbyte> bytes = Vector256.Narrow(words.GetLower(), words.GetUpper());
+            bytes.AsByte().StoreUnsafe(ref MemoryMarshal.GetReference(block));
+            return;
         }
-        return scale;
+        for (int i = 0; i < 32; i++)
+            block[i] = (byte)(sbyte)Math.Clamp(MathF.Round(values[i] * inverse), -127f, 127f);
     }
 
-    private static float QuantizeNf4Block(ReadOnlySpan<float> values, Span<byte> block)
+    /// <summary>The nf4 codes of one block of 64 for a given absmax: the nearest code value to w / absmax.</summary>
+    private static void EncodeNf4Block(ReadOnlySpan<float> values, float scale, Span<byte> block)
     {
-        float absMax = TensorPrimitives.MaxMagnitude(values);
-        if (!float.IsFinite(absMax))
-            throw new ArgumentException("weights must be finite to be quantized", nameof(values));
-        absMax = MathF.Abs(absMax);
-        float inverse = absMax == 0f ? 0f : 1f / absMax;
+        float inverse = scale == 0f ? 0f : 1f / scale;
         float[] mid = s_nf4Midpoints;
         for (int j = 0; j < 32; j++)
         {
@@ -92,7 +169,6 @@ public static class Quantizer
             int high = Nf4Code(values[j + 32] * inverse, mid);
             block[j] = (byte)(low | (high << 4));
         }
-        return absMax;
     }
 
     private static int Nf4Code(float normalized, float[] mid)
@@ -104,7 +180,7 @@ public static class Quantizer
         return code;
     }
 
-    /// <summary>Dequantizes <paramref name="destination"/>.Length weights from a row's blocks and scales.</summary>
+    /// <summary>Dequantizes <paramref name="destination"/>.Length weights from a row's blocks and fp32 scales.</summary>
     public static unsafe void DequantizeRow(QuantFormat format, ReadOnlySpan<byte> blocks, ReadOnlySpan<float> scales, Span<float> destination)
     {
         int blockSize = format.BlockSize();
@@ -159,32 +235,59 @@ public static class Quantizer
         Vector512<float> table = Vector512.Create(Nf4Codes);
         Vector512<int> lo = Avx512F.ConvertToVector512Int32(Vector128.Load(codes));
         Vector512<int> hi = Avx512F.ConvertToVector512Int32(Vector128.Load(codes + 16));
-        Vector512<int> nibble = Vector512.Create(0xF);
-        (Avx512F.PermuteVar16x32(table, lo & nibble) * s).Store(target);
-        (Avx512F.PermuteVar16x32(table, hi & nibble) * s).Store(target + 16);
+        // vpermps reads only the low 4 bits of each index.
+        (Avx512F.PermuteVar16x32(table, lo) * s).Store(target);
+        (Avx512F.PermuteVar16x32(table, hi) * s).Store(target + 16);
         (Avx512F.PermuteVar16x32(table, Vector512.ShiftRightLogical(lo, 4)) * s).Store(target + 32);
         (Avx512F.PermuteVar16x32(table, Vector512.ShiftRightLogical(hi, 4)) * s).Store(target + 48);
     }
 
-    /// <summary>Quantizes a whole F32/BF16/F16 matrix into newly allocated pinned storage (rows in parallel).</summary>
-    public static QuantizedMatrix Quantize(in WeightMatrix weight, QuantFormat format)
+    /// <summary>
+    /// Quantizes a whole F32/BF16/F16 matrix into newly allocated pinned storage (rows in parallel), with fp16 scales when
+    /// every block's scale fits (<see cref="ScaleFits"/>), else with fp32 scales (see <see cref="QuantizedMatrix.ScaleType"/>).
+    /// </summary>
+    public static QuantizedMatrix Quantize(in WeightMatrix weight, QuantFormat format) =>
+        TryQuantize(weight, format, DType.F16) ?? TryQuantize(weight, format, DType.F32)!;
+
+    /// <summary>Quantizes a matrix with <paramref name="scaleType"/> scales; null when a block's scale does not fit it.</summary>
+    public static QuantizedMatrix? TryQuantize(in WeightMatrix weight, QuantFormat format, DType scaleType)
     {
-        var result = QuantizedMatrix.Allocate(format, weight.Rows, weight.Cols);
+        var result = QuantizedMatrix.Allocate(format, weight.Rows, weight.Cols, scaleType);
         var source = weight;
+        int blocks = result.BlocksPerRow;
         var options = new ParallelOptions { MaxDegreeOfParallelism = KernelThreading.MaxThreads };
         const int RowsPerItem = 64;
         int items = (weight.Rows + RowsPerItem - 1) / RowsPerItem;
-        Parallel.For(0, items, options, () => new float[source.Cols], (item, _, row) =>
+        int failed = 0;
+        Parallel.For(0, items, options, () => new float[source.Cols + blocks], (item, state, buffer) =>
         {
+            Span<float> row = buffer.AsSpan(0, source.Cols), scales = buffer.AsSpan(source.Cols, blocks);
             int end = Math.Min(source.Rows, (item + 1) * RowsPerItem);
-            for (int n = item * RowsPerItem; n < end; n++)
+            for (int n = item * RowsPerItem; n < end && Volatile.Read(ref failed) == 0; n++)
             {
                 ReadRow(source, n, row);
-                QuantizeRow(format, row, result.RowBlocks(n), result.RowScales(n));
+                if (!TryQuantizeRow(format, row, result.RowBlocks(n), scales, scaleType))
+                {
+                    Volatile.Write(ref failed, 1);
+                    state.Stop();
+                    break;
+                }
+                StoreScales(scales, result.RowScaleBytes(n), scaleType);
             }
-            return row;
+            return buffer;
         }, static _ => { });
-        return result;
+        return failed == 0 ? result : null;
+    }
+
+    /// <summary>Stores fp32 scales (exactly representable as <paramref name="scaleType"/>) as raw <paramref name="scaleType"/> values.</summary>
+    public static void StoreScales(ReadOnlySpan<float> scales, Span<byte> destination, DType scaleType)
+    {
+        if (scaleType == DType.F16)
+            TensorPrimitives.ConvertToHalf(scales, MemoryMarshal.Cast<byte, Half>(destination)[..scales.Length]);
+        else if (scaleType == DType.F32)
+            scales.CopyTo(MemoryMarshal.Cast<byte, float>(destination));
+        else
+            throw new ArgumentException($"block scales are F16 or F32, not {scaleType}", nameof(scaleType));
     }
 
     /// <summary>Widens row <paramref name="row"/> of an F32/BF16/F16 matrix into <paramref name="destination"/> (Cols floats).</summary>

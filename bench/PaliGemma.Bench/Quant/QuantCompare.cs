@@ -143,7 +143,7 @@ internal static unsafe class QuantCompare
                 $"| {name} {k}x{n} | {ms[0]:F4} | {ms[1]:F4} | {ms[2]:F4} | {ms[0] / ms[1]:F2}x | {ms[0] / ms[2]:F2}x | {ortBytes / ms[0] / 1e6:F1} / {nf4Bytes / ms[1] / 1e6:F1} / {q8Bytes / ms[2] / 1e6:F1} | " +
                 $"{RmsRelativeError(yOrt.Span, reference.Span):0.0e+0} | {RmsRelativeError(yNf4.Span, reference.Span):0.0e+0} | {RmsRelativeError(yQ8.Span, reference.Span):0.0e+0} |"));
         }
-        Console.WriteLine("# weight bytes per weight: ORT 4-bit/32 with fp32 scales 0.625, nf4/64 with fp32 absmax 0.5625, q8/32 with fp32 scales 1.125");
+        Console.WriteLine("# weight bytes per weight: ORT 4-bit/32 with fp32 scales 0.625, nf4/64 with fp16 absmax 0.53125, q8/32 with fp16 scales 1.0625");
         return failures;
     }
 

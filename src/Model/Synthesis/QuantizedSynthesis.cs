@@ -12,8 +12,11 @@ namespace PaliGemma.CpuOnly.Model.Synthesis;
 /// what <see cref="QuantizedCheckpoint.Write"/> makes from the float synthetic checkpoint with the same seed.
 /// </summary>
 /// <remarks>
-/// The safetensors writer puts all F32 tensors (the scales) before the I8/U8 codes, so every matrix is generated twice:
-/// once for its scales (block absmax only) and once for its codes. Generation is cheap next to the disk write.
+/// The safetensors writer puts all F16 tensors (the scales) before the I8/U8 codes, so every matrix is generated and
+/// quantized twice: once for its scales and once for its codes. Generation is cheap next to the disk write. Scales are
+/// always F16 here (the header is written before the values are drawn): a block whose scale does not fit fp16 (which
+/// the synthetic distributions make vanishingly unlikely) stops the write with an error naming the tensor, where
+/// <see cref="QuantizedCheckpoint.Write"/> would keep F32 scales for it.
 /// </remarks>
 internal static class QuantizedSynthesis
 {
@@ -35,10 +38,10 @@ internal static class QuantizedSynthesis
                 long rows = t.Shape[0];
                 int cols = checked((int)t.Shape[1]);
                 int blocks = f.BlocksPerRow(cols);
-                long codeBytes = rows * blocks * f.BlockBytes(), scaleBytes = rows * blocks * sizeof(float);
+                long codeBytes = rows * blocks * f.BlockBytes(), scaleBytes = rows * blocks * DType.F16.SizeOf();
                 writer.Add(QuantizedCheckpoint.CodesName(t.Name, f), f == QuantFormat.Q8 ? DType.I8 : DType.U8, [rows, (long)blocks * f.BlockBytes()],
                     stream => WriteMatrix(stream, t, f, options, codes: true, onWritten, cancellationToken));
-                writer.Add(QuantizedCheckpoint.ScalesName(t.Name, f), DType.F32, [rows, blocks],
+                writer.Add(QuantizedCheckpoint.ScalesName(t.Name, f), DType.F16, [rows, blocks],
                     stream => WriteMatrix(stream, t, f, options, codes: false, onWritten, cancellationToken));
                 total += codeBytes + scaleBytes;
             }
@@ -62,7 +65,7 @@ internal static class QuantizedSynthesis
             QuantFormat? target = QuantizedCheckpoint.IsEmbedding(t.Name) ? QuantFormat.Q8
                 : QuantizedCheckpoint.IsLinearWeight(t.Name) && t.Shape.Length == 2 ? format : null;
             if (target is { } f)
-                total += t.Shape[0] * f.BlocksPerRow(checked((int)t.Shape[1])) * (f.BlockBytes() + sizeof(float));
+                total += t.Shape[0] * f.BlocksPerRow(checked((int)t.Shape[1])) * (f.BlockBytes() + DType.F16.SizeOf());
             else
                 total += t.ByteLength(dtype);
         }
@@ -83,7 +86,7 @@ internal static class QuantizedSynthesis
         // A band spans whole chunks: up to one extra chunk on each side of its rows.
         int maxChunks = (int)(((long)bandRows * cols + Chunk - 1) / Chunk) + 2;
         byte[] raw = ArrayPool<byte>.Shared.Rent(maxChunks * Chunk * size);
-        int outBytesPerRow = codes ? blocks * blockBytes : blocks * sizeof(float);
+        int outBytesPerRow = codes ? blocks * blockBytes : blocks * DType.F16.SizeOf();
         byte[] band = ArrayPool<byte>.Shared.Rent(bandRows * outBytesPerRow);
         var parallel = new ParallelOptions { CancellationToken = cancellationToken, MaxDegreeOfParallelism = Kernels.KernelThreading.MaxThreads };
         try
@@ -101,21 +104,29 @@ internal static class QuantizedSynthesis
                 });
                 long offset = start - firstChunk * Chunk;
                 byte[] source = raw, target = band;
-                Parallel.For(0, n, parallel, () => new float[cols], (r, _, row) =>
+                int failedRow = int.MaxValue;
+                Parallel.For(0, n, parallel, () => new RowScratch(cols, blocks, blockBytes), (r, _, scratch) =>
                 {
-                    Widen(source.AsSpan((int)((offset + (long)r * cols) * size), cols * size), options.DType, row);
+                    Widen(source.AsSpan((int)((offset + (long)r * cols) * size), cols * size), options.DType, scratch.Row);
                     Span<byte> destination = target.AsSpan(r * outBytesPerRow, outBytesPerRow);
-                    if (codes)
+                    Span<byte> rowCodes = codes ? destination : scratch.Codes;
+                    if (Quantizer.TryQuantizeRow(format, scratch.Row, rowCodes, scratch.Scales, DType.F16))
                     {
-                        Span<float> scales = blocks <= 2048 ? stackalloc float[blocks] : new float[blocks];
-                        Quantizer.QuantizeRow(format, row, destination, scales);
+                        if (!codes)
+                            Quantizer.StoreScales(scratch.Scales, destination, DType.F16);
                     }
                     else
                     {
-                        RowScales(format, row, MemoryMarshal.Cast<byte, float>(destination));
+                        // The first failing row is reported (after the loop: no AggregateException around the message).
+                        int current;
+                        while (r < (current = Volatile.Read(ref failedRow)) && Interlocked.CompareExchange(ref failedRow, r, current) != current) { }
                     }
-                    return row;
+                    return scratch;
                 }, static _ => { });
+                if (failedRow != int.MaxValue)
+                    throw new InvalidDataException(
+                        $"synthetic tensor '{tensor.Name}', row {first + failedRow}: a block's {format.Name()} scale is outside fp16's range " +
+                        $"({Quantizer.MinHalfScale}..{Quantizer.MaxHalfScale}); synthesize the float checkpoint and run quantize, which keeps F32 scales for it");
                 output.Write(band, 0, n * outBytesPerRow);
                 onWritten(n * outBytesPerRow);
             }
@@ -127,16 +138,12 @@ internal static class QuantizedSynthesis
         }
     }
 
-    /// <summary>The per-block scales <see cref="Quantizer.QuantizeRow"/> records, without packing codes.</summary>
-    private static void RowScales(QuantFormat format, ReadOnlySpan<float> row, Span<float> scales)
+    /// <summary>One worker's row buffers: the widened weights, the packed codes (scale pass only) and the scales.</summary>
+    private sealed class RowScratch(int cols, int blocks, int blockBytes)
     {
-        int blockSize = format.BlockSize();
-        for (int b = 0; b < scales.Length; b++)
-        {
-            int start = b * blockSize;
-            float absMax = MathF.Abs(System.Numerics.Tensors.TensorPrimitives.MaxMagnitude(row.Slice(start, Math.Min(blockSize, row.Length - start))));
-            scales[b] = format == QuantFormat.Q8 ? (absMax == 0f ? 0f : absMax / 127f) : absMax;
-        }
+        public float[] Row { get; } = new float[cols];
+        public byte[] Codes { get; } = new byte[blocks * blockBytes];
+        public float[] Scales { get; } = new float[blocks];
     }
 
     private static void Widen(ReadOnlySpan<byte> source, DType dtype, Span<float> destination)

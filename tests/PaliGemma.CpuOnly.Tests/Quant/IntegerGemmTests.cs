@@ -83,7 +83,8 @@ public sealed unsafe class IntegerGemmTests
         for (int r = 0; r < n; r++)
         {
             ReadOnlySpan<byte> wCodes = w.RowBlocks(r);
-            ReadOnlySpan<float> wScales = w.RowScales(r);
+            var wScales = new float[blocks];
+            w.ReadScales(r, wScales);
             for (int m = 0; m < rows; m++)
             {
                 float sum = 0f;

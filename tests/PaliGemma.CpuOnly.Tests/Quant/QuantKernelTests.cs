@@ -8,8 +8,8 @@ using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Tests.Quant;
 
-public sealed record QuantRowCase(QuantFormat Format, int K, float Range, int Seed);
-public sealed record QuantMatMulCase(QuantFormat Format, int Rows, int K, int N, bool Bias, float SoftCap, int Seed);
+public sealed record QuantRowCase(QuantFormat Format, int K, float Range, int Seed, DType ScaleType);
+public sealed record QuantMatMulCase(QuantFormat Format, int Rows, int K, int N, bool Bias, float SoftCap, int Seed, DType ScaleType = DType.F16);
 
 public static class QuantArbitraries
 {
@@ -18,7 +18,8 @@ public static class QuantArbitraries
         from k in Gen.Choose(1, 300)
         from range in Gen.Elements(1e-3f, 1f, 40f)
         from seed in Gen.Choose(0, int.MaxValue)
-        select new QuantRowCase(format, k, range, seed));
+        from scales in Gen.Elements(DType.F16, DType.F32)
+        select new QuantRowCase(format, k, range, seed, scales));
 
     // Odd K (tails inside a block), row counts on both sides of the GEMV / panel switch, odd N.
     public static Arbitrary<QuantMatMulCase> MatMuls() => Arb.From(
@@ -29,7 +30,8 @@ public static class QuantArbitraries
         from bias in Gen.Elements(true, false)
         from cap in Gen.Elements(0f, 0f, 5f)
         from seed in Gen.Choose(0, int.MaxValue)
-        select new QuantMatMulCase(format, rows, k, n, bias, cap, seed));
+        from scales in Gen.Elements(DType.F16, DType.F32)
+        select new QuantMatMulCase(format, rows, k, n, bias, cap, seed, scales));
 }
 
 public sealed unsafe class QuantKernelTests
@@ -41,10 +43,41 @@ public sealed unsafe class QuantKernelTests
         return values;
     }
 
-    private static QuantizedMatrix QuantizeF32(float[] weights, int n, int k, QuantFormat format)
+    private static QuantizedMatrix QuantizeF32(float[] weights, int n, int k, QuantFormat format, DType scaleType)
     {
         fixed (float* p = weights)
-            return Quantizer.Quantize(new WeightMatrix(p, DType.F32, n, k), format);
+        {
+            // A short tail block of tiny weights can refuse fp16 (see QuantizeRow below); fp32 then.
+            var q = Quantizer.TryQuantize(new WeightMatrix(p, DType.F32, n, k), format, scaleType)
+                ?? Quantizer.TryQuantize(new WeightMatrix(p, DType.F32, n, k), format, DType.F32)!;
+            return q;
+        }
+    }
+
+    /// <summary>
+    /// Quantizes a row with <paramref name="c"/>'s scale type. fp16 may refuse a row (a block's scale below
+    /// <see cref="Quantizer.MinHalfScale"/>: q8 blocks of weights under ~4e-3): then the refusal is checked and the row
+    /// quantized with fp32 scales.
+    /// </summary>
+    private static void QuantizeRow(QuantRowCase c, float[] row, byte[] codes, float[] scales)
+    {
+        if (Quantizer.TryQuantizeRow(c.Format, row, codes, scales, c.ScaleType))
+        {
+            foreach (float scale in scales) Assert.Equal(scale, Quantizer.RoundScale(scale, c.ScaleType));
+            return;
+        }
+        Assert.Equal(DType.F16, c.ScaleType);
+        int size = c.Format.BlockSize();
+        bool outside = false;
+        for (int start = 0; start < c.K; start += size)
+        {
+            float absMax = 0f;
+            for (int i = start; i < Math.Min(c.K, start + size); i++) absMax = Math.Max(absMax, Math.Abs(row[i]));
+            float scale = c.Format == QuantFormat.Q8 ? absMax / 127f : absMax;
+            outside |= scale != 0f && (scale < Quantizer.MinHalfScale * 1.001f || scale > Quantizer.MaxHalfScale * 0.999f);
+        }
+        Assert.True(outside, "fp16 refused a row whose block scales all fit it");
+        Assert.True(Quantizer.TryQuantizeRow(c.Format, row, codes, scales, DType.F32));
     }
 
     [Property(Arbitrary = [typeof(QuantArbitraries)], MaxTest = 200)]
@@ -57,7 +90,7 @@ public sealed unsafe class QuantKernelTests
         int blocks = c.Format.BlocksPerRow(c.K);
         var codes = new byte[blocks * 32];
         var scales = new float[blocks];
-        Quantizer.QuantizeRow(c.Format, row, codes, scales);
+        QuantizeRow(c, row, codes, scales);
         var restored = new float[c.K];
         Quantizer.DequantizeRow(c.Format, codes, scales, restored);
 
@@ -68,21 +101,27 @@ public sealed unsafe class QuantKernelTests
             int b = i / size;
             float absMax = 0f;
             for (int j = b * size; j < Math.Min(c.K, (b + 1) * size); j++) absMax = Math.Max(absMax, Math.Abs(row[j]));
+            // The stored scale is the block's natural one rounded to the scale type (relative error at most 2^-10).
+            float natural = c.Format == QuantFormat.Q8 ? absMax / 127f : absMax;
+            Assert.True(Math.Abs(scales[b] - natural) <= natural * (1f / 1024f), $"block {b}: scale {scales[b]}, absmax {absMax}");
             float error = Math.Abs(row[i] - restored[i]);
             if (c.Format == QuantFormat.Q8)
             {
-                // Step = absmax / 127; rounding to nearest leaves at most half of it (plus fp32 rounding of the product).
-                float step = absMax / 127f;
+                // Step = the stored scale; rounding to nearest leaves at most half of it (plus fp32 rounding of the product).
+                float step = scales[b];
                 Assert.True(error <= step * 0.5f * (1 + 1e-5f) + absMax * 1e-6f, $"q8 element {i}: {row[i]} -> {restored[i]}, step {step}");
             }
             else
             {
-                // The code chosen is the nearest one: the error is at most half the gap between the code values around it.
-                float normalized = absMax == 0f ? 0f : row[i] / absMax;
+                // The code chosen is the nearest one: the error is at most half the gap between the code values around
+                // it (beyond ±1, when the scale was rounded below absmax, the distance to ±1).
+                float scale = scales[b];
+                float normalized = scale == 0f ? 0f : row[i] / scale;
                 int upper = 1;
                 while (upper < 15 && table[upper] < normalized) upper++;
-                float halfGap = (table[upper] - table[upper - 1]) * 0.5f * absMax;
-                Assert.True(error <= halfGap * (1 + 1e-5f) + absMax * 1e-6f, $"nf4 element {i}: {row[i]} -> {restored[i]}, half gap {halfGap}");
+                float halfGap = (table[upper] - table[upper - 1]) * 0.5f * scale;
+                float beyond = Math.Max(0f, Math.Abs(normalized) - 1f) * scale;
+                Assert.True(error <= Math.Max(halfGap, beyond) * (1 + 1e-5f) + absMax * 1e-6f, $"nf4 element {i}: {row[i]} -> {restored[i]}, half gap {halfGap}");
             }
         }
         // Padding past K dequantizes to exactly 0 (the kernels read whole blocks).
@@ -99,7 +138,7 @@ public sealed unsafe class QuantKernelTests
         int blocks = c.Format.BlocksPerRow(c.K);
         var codes = new byte[blocks * 32];
         var scales = new float[blocks];
-        Quantizer.QuantizeRow(c.Format, row, codes, scales);
+        QuantizeRow(c, row, codes, scales);
         var restored = new float[c.K];
         Quantizer.DequantizeRow(c.Format, codes, scales, restored);
         for (int i = 0; i < c.K; i++)
@@ -154,7 +193,7 @@ public sealed unsafe class QuantKernelTests
         float[] x = RandomFloats(random, c.Rows * c.K, 2f);
         float[] weights = RandomFloats(random, c.N * c.K, 1f);
         float[] bias = c.Bias ? RandomFloats(random, c.N, 3f) : [];
-        var q = QuantizeF32(weights, c.N, c.K, c.Format);
+        var q = QuantizeF32(weights, c.N, c.K, c.Format, c.ScaleType);
         var y = new float[(c.Rows + 1) * c.N];
         Array.Fill(y, 12345f);
         if (panels)
