@@ -96,11 +96,11 @@ public sealed class GemmaDecoder
     }
 
     /// <summary>Replaces the float embedding / LM head by a q8 copy (load-time quantization).</summary>
-    internal void QuantizeEmbedding()
+    internal void QuantizeEmbedding(ScaleSelection scales)
     {
         if (_embedQuantized is null)
         {
-            _embedQuantized = Quantizer.Quantize(_lmHead, QuantFormat.Q8);
+            _embedQuantized = Quantizer.Quantize(_lmHead, QuantFormat.Q8, scales);
             _lmHeadOperand = null;
         }
     }

@@ -104,7 +104,7 @@ public sealed class Linear
     }
 
     /// <summary>Replaces the float weight by a quantized copy of it (load-time quantization; the float weight is no longer read).</summary>
-    internal void QuantizeWeight(QuantFormat format)
+    internal void QuantizeWeight(QuantFormat format, ScaleSelection scales)
     {
         if (_quantized is not null)
         {
@@ -112,7 +112,7 @@ public sealed class Linear
                 throw new InvalidOperationException($"'{Name}' is already stored as {_quantized.Format.Name()}; it cannot be requantized to {format.Name()}");
             return;
         }
-        _quantized = Quantizer.Quantize(_weight, format);
+        _quantized = Quantizer.Quantize(_weight, format, scales);
         _weight = default;
         _ownedWeight = null;
     }

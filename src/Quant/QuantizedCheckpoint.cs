@@ -139,7 +139,8 @@ public static class QuantizedCheckpoint
     /// <paramref name="format"/>, the embedding in q8 and everything else (norms, biases, conv and position embeddings)
     /// unchanged; config.json, tokenizer files and other non-weight files are copied.
     /// </summary>
-    public static void Write(string sourceDirectory, string outputDirectory, QuantFormat format, Action<string>? log = null)
+    public static void Write(string sourceDirectory, string outputDirectory, QuantFormat format, Action<string>? log = null,
+        ScaleSelection scales = ScaleSelection.MinimumError)
     {
         using var checkpoint = SafetensorsCheckpoint.Open(sourceDirectory);
         if (FormatOf(checkpoint) is { } already)
@@ -156,7 +157,7 @@ public static class QuantizedCheckpoint
             {
                 if (!tensor.DType.IsKernelFloat())
                     throw new InvalidDataException($"'{sourceDirectory}': tensor '{name}' has dtype {tensor.DType.ToHeaderName()}; only F32, BF16 and F16 weights can be quantized");
-                var matrix = Quantizer.Quantize(WeightMatrix.FromTensor(tensor), f);
+                var matrix = Quantizer.Quantize(WeightMatrix.FromTensor(tensor), f, scales);
                 held.Add(matrix);
                 writer.Add(CodesName(name, f), f == QuantFormat.Q8 ? DType.I8 : DType.U8, [matrix.Rows, (long)matrix.BlocksPerRow * f.BlockBytes()],
                     stream => stream.Write(matrix.AllBlocks));

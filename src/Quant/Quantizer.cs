@@ -8,10 +8,22 @@ using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Quant;
 
+/// <summary>How the quantizer chooses each block's scale.</summary>
+public enum ScaleSelection
+{
+    /// <summary>
+    /// The scale among 16 candidates near the natural one (then a least-squares refit) that leaves the least squared
+    /// error in the block's weights (q8 never below absmax/127, so no weight is clipped). The default.
+    /// </summary>
+    MinimumError,
+    /// <summary>The natural scale: q8 absmax/127, nf4 absmax (rounded to the scale type).</summary>
+    AbsMax,
+}
+
 /// <summary>
 /// Block quantization and dequantization of weight rows (see <see cref="QuantFormat"/>). Each block's scale is rounded
 /// to the stored scale type (fp16 or fp32) before its codes are chosen, so the codes are the nearest ones for the scale
-/// that is actually stored.
+/// that is actually stored; <see cref="ScaleSelection"/> says which scale.
 /// </summary>
 public static class Quantizer
 {
@@ -35,6 +47,9 @@ public static class Quantizer
 
     // Midpoints between consecutive codes: a normalized value v gets the code of the number of midpoints below it.
     private static readonly float[] s_nf4Midpoints = BuildMidpoints();
+
+    /// <summary>The 15 midpoints between consecutive NF4 codes, ascending.</summary>
+    internal static ReadOnlySpan<float> Nf4Midpoints => s_nf4Midpoints;
 
     private static float[] BuildMidpoints()
     {
@@ -87,15 +102,22 @@ public static class Quantizer
     /// Quantizes one row of K weights into <c>BlocksPerRow(K)</c> blocks (<paramref name="blocks"/>, 32 bytes each) and
     /// as many fp32 scales. The padding past K in the last block is encoded as 0.
     /// </summary>
-    public static void QuantizeRow(QuantFormat format, ReadOnlySpan<float> row, Span<byte> blocks, Span<float> scales) =>
-        TryQuantizeRow(format, row, blocks, scales, DType.F32);
+    public static void QuantizeRow(QuantFormat format, ReadOnlySpan<float> row, Span<byte> blocks, Span<float> scales,
+        ScaleSelection selection = ScaleSelection.MinimumError) =>
+        TryQuantizeRow(format, row, blocks, scales, DType.F32, selection);
 
     /// <summary>
     /// Quantizes one row as <see cref="QuantizeRow"/> with scales rounded to <paramref name="scaleType"/> (F16 or F32):
     /// <paramref name="scales"/> receives their fp32 values, exactly representable as <paramref name="scaleType"/>.
     /// Returns false, leaving the row incomplete, when a block's scale does not fit (<see cref="ScaleFits"/>; only fp16 can fail).
     /// </summary>
-    public static bool TryQuantizeRow(QuantFormat format, ReadOnlySpan<float> row, Span<byte> blocks, Span<float> scales, DType scaleType)
+    public static bool TryQuantizeRow(QuantFormat format, ReadOnlySpan<float> row, Span<byte> blocks, Span<float> scales, DType scaleType,
+        ScaleSelection selection = ScaleSelection.MinimumError) =>
+        TryQuantizeRow(format, row, blocks, scales, scaleType, selection, ScaleSearch.Best(format));
+
+    /// <summary>As the public overload on a chosen search path (tests run each one the CPU has).</summary>
+    internal static bool TryQuantizeRow(QuantFormat format, ReadOnlySpan<float> row, Span<byte> blocks, Span<float> scales, DType scaleType,
+        ScaleSelection selection, ScaleSearch.Path searchPath)
     {
         if (scaleType is not (DType.F16 or DType.F32))
             throw new ArgumentException($"block scales are F16 or F32, not {scaleType}", nameof(scaleType));
@@ -123,6 +145,8 @@ public static class Quantizer
             if (!ScaleFits(natural, scaleType))
                 return false;
             float scale = RoundScale(natural, scaleType);
+            if (selection == ScaleSelection.MinimumError && scale >= ScaleSearch.MinScale(scaleType))
+                scale = ScaleSearch.Choose(format, values, natural, scaleType, searchPath);
             Span<byte> block = blocks.Slice(b * format.BlockBytes(), format.BlockBytes());
             if (format == QuantFormat.Q8)
                 EncodeQ8Block(values, scale, block);
@@ -142,6 +166,13 @@ public static class Quantizer
             return;
         }
         float inverse = 1f / scale;
+        if (!float.IsFinite(inverse))
+        {
+            // fp32 scales of tiny blocks (below ~3e-39): divide, the inverse would overflow.
+            for (int i = 0; i < 32; i++)
+                block[i] = (byte)(sbyte)Math.Clamp(MathF.Round(values[i] / scale), -127f, 127f);
+            return;
+        }
         if (Vector512.IsHardwareAccelerated)
         {
             ref float source = ref MemoryMarshal.GetReference(values);
@@ -162,19 +193,33 @@ public static class Quantizer
     private static void EncodeNf4Block(ReadOnlySpan<float> values, float scale, Span<byte> block)
     {
         float inverse = scale == 0f ? 0f : 1f / scale;
-        float[] mid = s_nf4Midpoints;
+        bool divide = !float.IsFinite(inverse);
+        if (Avx512F.IsSupported && !divide)
+        {
+            // Elements 0..31 go to the low nibbles of bytes 0..31, elements 32..63 to the high nibbles.
+            ref float source = ref MemoryMarshal.GetReference(values);
+            var s = Vector512.Create(inverse);
+            for (int half = 0; half < 32; half += 16)
+            {
+                Vector512<int> low = ScaleSearch.Nf4Lookup.Code(Vector512.LoadUnsafe(ref source, (nuint)half) * s);
+                Vector512<int> high = ScaleSearch.Nf4Lookup.Code(Vector512.LoadUnsafe(ref source, (nuint)(half + 32)) * s);
+                Avx512F.ConvertToVector128Byte(low | (high << 4)).StoreUnsafe(ref MemoryMarshal.GetReference(block), (nuint)half);
+            }
+            return;
+        }
         for (int j = 0; j < 32; j++)
         {
-            int low = Nf4Code(values[j] * inverse, mid);
-            int high = Nf4Code(values[j + 32] * inverse, mid);
+            int low = Nf4Code(divide ? values[j] / scale : values[j] * inverse);
+            int high = Nf4Code(divide ? values[j + 32] / scale : values[j + 32] * inverse);
             block[j] = (byte)(low | (high << 4));
         }
     }
 
-    private static int Nf4Code(float normalized, float[] mid)
+    /// <summary>The NF4 code of a normalized value: the count of code midpoints strictly below it (the nearest code).</summary>
+    internal static int Nf4Code(float normalized)
     {
+        float[] mid = s_nf4Midpoints;
         int code = 0;
-        // 15 comparisons, branch-free enough and exact: the code is the count of midpoints strictly below the value.
         for (int i = 0; i < mid.Length; i++)
             code += normalized > mid[i] ? 1 : 0;
         return code;
@@ -246,27 +291,28 @@ public static class Quantizer
     /// Quantizes a whole F32/BF16/F16 matrix into newly allocated pinned storage (rows in parallel), with fp16 scales when
     /// every block's scale fits (<see cref="ScaleFits"/>), else with fp32 scales (see <see cref="QuantizedMatrix.ScaleType"/>).
     /// </summary>
-    public static QuantizedMatrix Quantize(in WeightMatrix weight, QuantFormat format) =>
-        TryQuantize(weight, format, DType.F16) ?? TryQuantize(weight, format, DType.F32)!;
+    public static QuantizedMatrix Quantize(in WeightMatrix weight, QuantFormat format, ScaleSelection selection = ScaleSelection.MinimumError) =>
+        TryQuantize(weight, format, DType.F16, selection) ?? TryQuantize(weight, format, DType.F32, selection)!;
 
     /// <summary>Quantizes a matrix with <paramref name="scaleType"/> scales; null when a block's scale does not fit it.</summary>
-    public static QuantizedMatrix? TryQuantize(in WeightMatrix weight, QuantFormat format, DType scaleType)
+    public static QuantizedMatrix? TryQuantize(in WeightMatrix weight, QuantFormat format, DType scaleType, ScaleSelection selection = ScaleSelection.MinimumError)
     {
         var result = QuantizedMatrix.Allocate(format, weight.Rows, weight.Cols, scaleType);
         var source = weight;
         int blocks = result.BlocksPerRow;
         var options = new ParallelOptions { MaxDegreeOfParallelism = KernelThreading.MaxThreads };
-        const int RowsPerItem = 64;
-        int items = (weight.Rows + RowsPerItem - 1) / RowsPerItem;
+        // About 256K weights per work item: enough to amortize the scheduling, small enough to balance the threads.
+        int rowsPerItem = Math.Clamp((1 << 18) / weight.Cols, 1, 64);
+        int items = (weight.Rows + rowsPerItem - 1) / rowsPerItem;
         int failed = 0;
         Parallel.For(0, items, options, () => new float[source.Cols + blocks], (item, state, buffer) =>
         {
             Span<float> row = buffer.AsSpan(0, source.Cols), scales = buffer.AsSpan(source.Cols, blocks);
-            int end = Math.Min(source.Rows, (item + 1) * RowsPerItem);
-            for (int n = item * RowsPerItem; n < end && Volatile.Read(ref failed) == 0; n++)
+            int end = Math.Min(source.Rows, (item + 1) * rowsPerItem);
+            for (int n = item * rowsPerItem; n < end && Volatile.Read(ref failed) == 0; n++)
             {
                 ReadRow(source, n, row);
-                if (!TryQuantizeRow(format, row, result.RowBlocks(n), scales, scaleType))
+                if (!TryQuantizeRow(format, row, result.RowBlocks(n), scales, scaleType, selection))
                 {
                     Volatile.Write(ref failed, 1);
                     state.Stop();
@@ -308,7 +354,16 @@ public static class Quantizer
                 break;
             case DType.BF16:
                 var bits = new ReadOnlySpan<ushort>(start, k);
-                for (int i = 0; i < k; i++) target[i] = BitConverter.UInt32BitsToSingle((uint)bits[i] << 16);
+                Span<uint> wide = MemoryMarshal.Cast<float, uint>(target);
+                int i = 0;
+                if (Vector512.IsHardwareAccelerated)
+                    for (; i + 32 <= k; i += 32)
+                    {
+                        var (lower, upper) = Vector512.Widen(Vector512.Create(bits.Slice(i, 32)));
+                        (lower << 16).CopyTo(wide[i..]);
+                        (upper << 16).CopyTo(wide[(i + 16)..]);
+                    }
+                for (; i < k; i++) wide[i] = (uint)bits[i] << 16;
                 break;
             default:
                 throw new ArgumentException($"weight dtype {weight.DType} cannot be quantized", nameof(weight));

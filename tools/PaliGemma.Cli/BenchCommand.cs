@@ -47,6 +47,7 @@ public static class BenchCommand
         int probeMb = a.Int("probe-mb", 1024, 0, 1 << 20);
         string? dtype = a.Optional("dtype");
         var quantizeTo = dtype is null ? (PaliGemma.CpuOnly.Quant.QuantFormat?)null : QuantizeCommand.ParseFormat(dtype, "--dtype");
+        var quantizeScales = QuantizeCommand.ParseScales(a.Optional("quant-scales"), new PaliGemmaLoadOptions().QuantizeScales);
         string? adapterDir = a.Optional("adapter");
         bool mergeAdapter = a.Flag("merge-adapter");
         bool compareMerged = a.Flag("compare-merged");
@@ -70,6 +71,7 @@ public static class BenchCommand
         {
             TokenizerPath = tokenizerPath,
             QuantizeTo = quantizeTo,
+            QuantizeScales = quantizeScales,
             MergeAdapterDirectory = mergeAdapter ? adapterDir : null,
             Backend = CliBackend.Current,
         });

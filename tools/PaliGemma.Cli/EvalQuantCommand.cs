@@ -22,6 +22,7 @@ public static class EvalQuantCommand
         string imagePath = a.Required("image");
         string prompt = a.Optional("prompt") ?? "caption en";
         string? dtype = a.Optional("dtype");
+        var quantizeScales = QuantizeCommand.ParseScales(a.Optional("quant-scales"), new PaliGemmaLoadOptions().QuantizeScales);
         string? quantizedDir = a.Optional("quantized");
         string? tokenizer = a.Optional("tokenizer");
         int newTokens = a.Int("new-tokens", 16, 1, 4096);
@@ -44,7 +45,7 @@ public static class EvalQuantCommand
             referenceLogits = QuantizationAccuracy.TeacherForcedLogits(reference, features, promptIds, generated);
         }
 
-        using var quantized = PaliGemmaModel.Load(quantizedDir ?? modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, QuantizeTo = format, Backend = CliBackend.Current });
+        using var quantized = PaliGemmaModel.Load(quantizedDir ?? modelDir, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, QuantizeTo = format, QuantizeScales = quantizeScales, Backend = CliBackend.Current });
         if (quantized.Quantization is null)
             throw new InvalidDataException($"'{quantizedDir}' is not a quantized checkpoint (no {QuantizedCheckpoint.FormatKey} metadata)");
         if (!quiet) Console.Error.WriteLine($"[eval-quant] quantized: {quantized.Directory} ({quantized.Quantization.Value.Name()}), teacher-forced");

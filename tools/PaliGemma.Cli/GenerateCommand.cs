@@ -27,6 +27,7 @@ public static class GenerateCommand
         string? adapterDir = a.Optional("adapter");
         bool mergeAdapter = a.Flag("merge-adapter");
         string? dtype = a.Optional("dtype");
+        var quantizeScales = QuantizeCommand.ParseScales(a.Optional("quant-scales"), new PaliGemmaLoadOptions().QuantizeScales);
         var options = new GenerationOptions
         {
             MaxNewTokens = a.Int("max-new-tokens", 64, 1, 1 << 20),
@@ -52,6 +53,7 @@ public static class GenerateCommand
             TokenizerPath = tokenizer,
             MergeAdapterDirectory = mergeAdapter ? adapterDir : null,
             QuantizeTo = dtype is null ? null : QuantizeCommand.ParseFormat(dtype, "--dtype"),
+            QuantizeScales = quantizeScales,
             Backend = CliBackend.Current,
         });
         if (adapterDir is not null && !mergeAdapter) options = options with { Adapter = model.LoadAdapter(adapterDir) };

@@ -85,6 +85,9 @@ public static class Program
         computes the first greedy token and exits. Medians of process start -> model ready, start -> first token and peak RSS.
         quantize writes one model.safetensors with q8 or nf4 blocks (see README, "Quantized weights"), copies config.json and
         the tokenizer; the result loads memory-mapped. eval-quant compares a quantized model with the float one.
+        --quant-scales search|absmax: each block's least-error scale of 16 candidates (quantize's default) or its absmax
+        (the default of --dtype on generate/bench/eval-quant: loads several times faster, less accurate; search gives what
+        quantize writes).
         Any command: --q8-prefill int16|int8|panels picks the kernel for many-token q8 products (prefill, vision): int16
         (default) or int8 quantized activations on integer multiply-adds, or fp32 activations on dequantized panels.
         """;

@@ -14,13 +14,14 @@ public static class QuantizeCommand
         string modelDir = a.Required("model");
         string outDir = a.Required("out");
         QuantFormat format = ParseFormat(a.Required("to"), "--to");
+        ScaleSelection scales = ParseScales(a.Optional("quant-scales"), ScaleSelection.MinimumError);
         bool quiet = a.Flag("quiet");
         a.RejectUnknown();
         if (Path.GetFullPath(modelDir).TrimEnd('/') == Path.GetFullPath(outDir).TrimEnd('/'))
             throw new UsageException("--out must be a different folder from --model");
 
         var clock = Stopwatch.StartNew();
-        QuantizedCheckpoint.Write(modelDir, outDir, format, quiet ? null : message => Console.Error.WriteLine($"[quantize] {message}"));
+        QuantizedCheckpoint.Write(modelDir, outDir, format, quiet ? null : message => Console.Error.WriteLine($"[quantize] {message}"), scales);
         if (!quiet)
         {
             long bytes = new FileInfo(Path.Combine(outDir, "model.safetensors")).Length;
@@ -28,6 +29,15 @@ public static class QuantizeCommand
         }
         return 0;
     }
+
+    /// <summary>Parses <c>--quant-scales search|absmax</c>; absent: <paramref name="absent"/>.</summary>
+    public static ScaleSelection ParseScales(string? text, ScaleSelection absent) => text?.ToLowerInvariant() switch
+    {
+        null => absent,
+        "search" => ScaleSelection.MinimumError,
+        "absmax" => ScaleSelection.AbsMax,
+        _ => throw new UsageException($"--quant-scales must be search or absmax, got '{text}'"),
+    };
 
     /// <summary>Parses q8 / nf4 for <paramref name="option"/>, or reports a usage error.</summary>
     public static QuantFormat ParseFormat(string text, string option) =>

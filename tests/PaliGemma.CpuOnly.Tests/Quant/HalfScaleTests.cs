@@ -161,7 +161,7 @@ public sealed unsafe class HalfScaleTests
 
         string tokenizer = Path.Combine(source, "tokenizer.model");
         using var stored = PaliGemmaModel.Load(quantized, tokenizer);
-        using var atLoad = PaliGemmaModel.Load(scaledSource, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, QuantizeTo = QuantFormat.Q8 });
+        using var atLoad = PaliGemmaModel.Load(scaledSource, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, QuantizeTo = QuantFormat.Q8, QuantizeScales = ScaleSelection.MinimumError });
         var image = new PaliGemma.CpuOnly.Model.Imaging.RgbImage(2, 2, [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255]);
         var options = new GenerationOptions { MaxNewTokens = 3, KeepStepLogits = true };
         var a = new PaliGemmaGenerator(stored).Generate(new GenerationRequest(image, "caption en"), options);

@@ -101,9 +101,12 @@ public sealed unsafe class QuantKernelTests
             int b = i / size;
             float absMax = 0f;
             for (int j = b * size; j < Math.Min(c.K, (b + 1) * size); j++) absMax = Math.Max(absMax, Math.Abs(row[j]));
-            // The stored scale is the block's natural one rounded to the scale type (relative error at most 2^-10).
+            // The stored scale is one of the search's candidates around the block's natural one (q8: never below it), rounded
+            // to the scale type (relative error at most 2^-10).
             float natural = c.Format == QuantFormat.Q8 ? absMax / 127f : absMax;
-            Assert.True(Math.Abs(scales[b] - natural) <= natural * (1f / 1024f), $"block {b}: scale {scales[b]}, absmax {absMax}");
+            float lowest = c.Format == QuantFormat.Q8 ? 1f : 0.8f, highest = c.Format == QuantFormat.Q8 ? 1.075f : 1.1f;
+            Assert.True(scales[b] >= natural * lowest * (1 - 1f / 1024f) && scales[b] <= natural * highest * (1 + 1f / 1024f),
+                $"block {b}: scale {scales[b]}, absmax {absMax}");
             float error = Math.Abs(row[i] - restored[i]);
             if (c.Format == QuantFormat.Q8)
             {

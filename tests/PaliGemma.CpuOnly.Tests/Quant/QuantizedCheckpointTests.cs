@@ -17,16 +17,19 @@ public sealed class QuantizedCheckpointTests : IDisposable
         if (Directory.Exists(_temp)) Directory.Delete(_temp, recursive: true);
     }
 
+    // quantize searches each block's scale by default; load-time quantization with the same selection writes the same bytes.
     [Theory]
-    [InlineData("tiny-mqa-56", "", QuantFormat.Q8)]
-    [InlineData("tiny-mqa-56", "sharded", QuantFormat.Nf4)]
-    [InlineData("tiny-mqa-56", "bf16", QuantFormat.Q8)]
-    [InlineData("small-mha-84", "", QuantFormat.Nf4)]
-    public void Quantize_command_writes_a_mapped_checkpoint_equal_to_load_time_quantization(string caseName, string variant, QuantFormat format)
+    [InlineData("tiny-mqa-56", "", QuantFormat.Q8, ScaleSelection.MinimumError)]
+    [InlineData("tiny-mqa-56", "sharded", QuantFormat.Nf4, ScaleSelection.MinimumError)]
+    [InlineData("tiny-mqa-56", "bf16", QuantFormat.Q8, ScaleSelection.MinimumError)]
+    [InlineData("small-mha-84", "", QuantFormat.Nf4, ScaleSelection.MinimumError)]
+    [InlineData("tiny-mqa-56", "", QuantFormat.Q8, ScaleSelection.AbsMax)]
+    public void Quantize_command_writes_a_mapped_checkpoint_equal_to_load_time_quantization(string caseName, string variant, QuantFormat format, ScaleSelection scales)
     {
         string source = Path.Combine(TestPaths.Golden, caseName, variant);
         string tokenizer = Path.Combine(TestPaths.Golden, caseName, "tokenizer.model");
-        var (code, _, err) = CliTests.Run("quantize", "--model", source, "--to", format.Name(), "--out", _temp, "--quiet");
+        string[] scaleOption = scales == ScaleSelection.AbsMax ? ["--quant-scales", "absmax"] : [];
+        var (code, _, err) = CliTests.Run(["quantize", "--model", source, "--to", format.Name(), "--out", _temp, "--quiet", .. scaleOption]);
         Assert.True(code == 0, err);
         Assert.True(File.Exists(Path.Combine(_temp, "config.json")));
         Assert.False(File.Exists(Path.Combine(_temp, SafetensorsCheckpoint.IndexFileName)));
@@ -43,7 +46,7 @@ public sealed class QuantizedCheckpointTests : IDisposable
         }
 
         using var stored = PaliGemmaModel.Load(_temp, tokenizer);
-        using var atLoad = PaliGemmaModel.Load(source, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, QuantizeTo = format });
+        using var atLoad = PaliGemmaModel.Load(source, new PaliGemmaLoadOptions { TokenizerPath = tokenizer, QuantizeTo = format, QuantizeScales = scales });
         Assert.Equal(format, stored.Quantization);
         Assert.False(stored.Decoder.QuantizedEmbedding!.OwnsMemory);
         Assert.True(atLoad.Decoder.QuantizedEmbedding!.OwnsMemory);
@@ -114,6 +117,9 @@ public sealed class QuantizedCheckpointTests : IDisposable
         var (code, _, err) = CliTests.Run("quantize", "--model", source, "--to", "q4", "--out", _temp);
         Assert.Equal(2, code);
         Assert.Contains("--to", err);
+        (code, _, err) = CliTests.Run("quantize", "--model", source, "--to", "q8", "--quant-scales", "mse", "--out", _temp);
+        Assert.Equal(2, code);
+        Assert.Contains("--quant-scales", err);
     }
 
     [Fact]
