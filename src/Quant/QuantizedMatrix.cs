@@ -136,18 +136,6 @@ public sealed unsafe class QuantizedMatrix : IMatrixOperand
         return ScaleType == DType.F16 ? (float)((Half*)ScaleData)[index] : ((float*)ScaleData)[index];
     }
 
-    /// <summary>
-    /// The fp32 scales from index <paramref name="first"/> on (row-major over all rows): <paramref name="buffer"/> when
-    /// they are fp16 (widened into it), else the stored fp32 values themselves (no copy). The kernels' entry point.
-    /// </summary>
-    internal float* ScalesAsSingle(long first, int count, float* buffer)
-    {
-        if (ScaleType == DType.F32)
-            return (float*)ScaleData + first;
-        TensorPrimitives.ConvertToSingle(new ReadOnlySpan<Half>((Half*)ScaleData + first, count), new Span<float>(buffer, count));
-        return buffer;
-    }
-
     private static void WidenScales(byte* data, DType type, long first, Span<float> destination)
     {
         if (type == DType.F32)

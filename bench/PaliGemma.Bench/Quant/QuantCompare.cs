@@ -15,7 +15,7 @@ namespace PaliGemma.Bench.Quant;
 /// <item><c>gemm</c>: M x rows (default 256) through bf16 <see cref="MatMul"/> and q8 on each prefill kernel
 /// (dequantized panels, int16 activations, int8 activations where the CPU has VNNI), with each one's error against
 /// the fp32 product.</item>
-/// <item><c>gemv</c>: one row through ONNX Runtime's MatMulNBits (4-bit, block 32) and our nf4 and q8 GEMV; each output
+/// <item><c>gemv</c>: one row through bf16 <see cref="MatMul"/>, ONNX Runtime's MatMulNBits (4-bit, block 32) and our nf4 and q8 GEMV; each quantized output
 /// must equal the product of its own dequantized weights (fp32 rounding only), and each format's error against the fp32
 /// product is printed.</item>
 /// </list>
@@ -31,6 +31,7 @@ internal static unsafe class QuantCompare
     private static readonly (string Name, int K, int N)[] GemvShapes =
     [
         ("gemma.q", 2048, 2048), ("gemma.kv", 2048, 256), ("gemma.up", 2048, 16384), ("gemma.down", 16384, 2048),
+        ("lm_head", 2048, 65536),
     ];
 
     public static int Run(string[] args)
@@ -104,8 +105,8 @@ internal static unsafe class QuantCompare
     {
         Console.WriteLine();
         Console.WriteLine("## GEMV, M = 1: ms (median); speed = ORT ms / ours; GB/s of weight bytes; rms error vs the fp32 product relative to its rms");
-        Console.WriteLine("| shape | ORT MatMulNBits 4b/32 | ours nf4 | ours q8 | nf4 speed vs ORT | q8 speed vs ORT | GB/s ORT / nf4 / q8 | err ORT | err nf4 | err q8 |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|");
+        Console.WriteLine("| shape | bf16 MatMul | ORT MatMulNBits 4b/32 | ours nf4 | ours q8 | nf4 speed vs ORT | q8 speed vs ORT | GB/s bf16 / ORT / nf4 / q8 | err ORT | err nf4 | err q8 |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|");
         int failures = 0;
         foreach (var (name, k, n) in GemvShapes)
         {
@@ -119,11 +120,16 @@ internal static unsafe class QuantCompare
             using var ort = new MatMulNBitsRunner(w32.Pointer, n, k, 1, x, yOrt);
             var nf4 = Quantizer.Quantize(new WeightMatrix(w32.Pointer, DType.F32, n, k), QuantFormat.Nf4);
             var q8 = Quantizer.Quantize(new WeightMatrix(w32.Pointer, DType.F32, n, k), QuantFormat.Q8);
+            ushort[] bf16 = ToBFloat16(w32.Pointer, (long)n * k);
+            using var yBf16 = new NativeBuffer(n);
+            var bf16Handle = GCHandle.Alloc(bf16, GCHandleType.Pinned);
+            var bf16Matrix = new WeightMatrix((void*)bf16Handle.AddrOfPinnedObject(), DType.BF16, n, k);
             Action[] actions =
             [
                 ort.Run,
                 () => QuantMatMul.Multiply(x.Span, 1, nf4, default, yNf4.Span),
                 () => QuantMatMul.Multiply(x.Span, 1, q8, default, yQ8.Span),
+                () => MatMul.Multiply(x.Span, 1, bf16Matrix, default, yBf16.Span),
             ];
             foreach (var action in actions) action();
             // Each kernel against the exact product of the weights it was given (only fp32 rounding may differ).
@@ -137,10 +143,11 @@ internal static unsafe class QuantCompare
                 continue;
             }
             double[] ms = TimeAlternating(actions, runs, 50);
+            bf16Handle.Free();
             double ortBytes = ort.Codes.Length + ort.Scales.Length * 4.0 + k * 4.0;
-            double nf4Bytes = nf4.StreamedBytes + k * 4.0, q8Bytes = q8.StreamedBytes + k * 4.0;
+            double nf4Bytes = nf4.StreamedBytes + k * 4.0, q8Bytes = q8.StreamedBytes + k * 4.0, bf16Bytes = (double)n * k * 2 + k * 4.0;
             Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"| {name} {k}x{n} | {ms[0]:F4} | {ms[1]:F4} | {ms[2]:F4} | {ms[0] / ms[1]:F2}x | {ms[0] / ms[2]:F2}x | {ortBytes / ms[0] / 1e6:F1} / {nf4Bytes / ms[1] / 1e6:F1} / {q8Bytes / ms[2] / 1e6:F1} | " +
+                $"| {name} {k}x{n} | {ms[3]:F4} | {ms[0]:F4} | {ms[1]:F4} | {ms[2]:F4} | {ms[0] / ms[1]:F2}x | {ms[0] / ms[2]:F2}x | {bf16Bytes / ms[3] / 1e6:F1} / {ortBytes / ms[0] / 1e6:F1} / {nf4Bytes / ms[1] / 1e6:F1} / {q8Bytes / ms[2] / 1e6:F1} | " +
                 $"{RmsRelativeError(yOrt.Span, reference.Span):0.0e+0} | {RmsRelativeError(yNf4.Span, reference.Span):0.0e+0} | {RmsRelativeError(yQ8.Span, reference.Span):0.0e+0} |"));
         }
         Console.WriteLine("# weight bytes per weight: ORT 4-bit/32 with fp32 scales 0.625, nf4/64 with fp16 absmax 0.53125, q8/32 with fp16 scales 1.0625");

@@ -183,8 +183,51 @@ public sealed unsafe class QuantKernelTests
     [InlineData(QuantFormat.Nf4, 3, 2100, 300)]
     [InlineData(QuantFormat.Q8, 70, 1100, 530)]
     [InlineData(QuantFormat.Nf4, 9, 4500, 140)]
+    [InlineData(QuantFormat.Nf4, 1, 4500, 140)] // one token: the nibble-shift kernel, an odd last block, prefetch across passes
+    [InlineData(QuantFormat.Q8, 1, 4128, 203)]  // one token: an odd block count, rows left over after the 4-row passes
     public void Fused_multiply_matches_reference_on_parallel_shapes(QuantFormat format, int rows, int k, int n) =>
         Check(new QuantMatMulCase(format, rows, k, n, Bias: true, SoftCap: 0f, Seed: rows * 7 + k), path: null);
+
+    [Theory]
+    [InlineData(64)]
+    [InlineData(128)]
+    [InlineData(7 * 64)]
+    public void X_is_permuted_to_the_nibble_order_of_the_one_token_nf4_kernel(int length)
+    {
+        var x = new float[length];
+        for (int i = 0; i < length; i++) x[i] = i;
+        var permuted = new float[length];
+        QuantMatMul.PermuteForNf4Pairs(x, permuted);
+        // Pair p, run s, lane l: dword l of the pair's 64 code bytes (block 2p + l / 8, bytes 4 (l mod 8)..+3), nibble s
+        // (byte s / 2 of the dword, low nibble for even s: element j, high for odd s: element j + 32).
+        for (int p = 0; p < length / 128; p++)
+            for (int shift = 0; shift < 8; shift++)
+                for (int lane = 0; lane < 16; lane++)
+                {
+                    int block = 2 * p + lane / 8, j = 4 * (lane % 8) + shift / 2;
+                    Assert.Equal(block * 64 + j + (shift % 2 == 1 ? 32 : 0), permuted[p * 128 + shift * 16 + lane]);
+                }
+        for (int i = length / 128 * 128; i < length; i++) Assert.Equal(i, permuted[i]);
+    }
+
+    [Fact]
+    public void Fp16_scales_widen_exactly_for_every_bit_pattern()
+    {
+        var bits = new ushort[65536 + 5];
+        for (int i = 0; i < bits.Length; i++) bits[i] = (ushort)i;
+        var widened = new float[bits.Length];
+        fixed (ushort* source = bits)
+        fixed (float* destination = widened)
+            QuantMatMul.WidenHalves(source, destination, bits.Length); // 5 past a multiple of 16: the scalar tail too
+        for (int i = 0; i < bits.Length; i++)
+        {
+            float expected = (float)BitConverter.UInt16BitsToHalf(bits[i]);
+            if (float.IsNaN(expected))
+                Assert.True(float.IsNaN(widened[i]), $"0x{bits[i]:X4}: {widened[i]}");
+            else
+                Assert.True(BitConverter.SingleToUInt32Bits(expected) == BitConverter.SingleToUInt32Bits(widened[i]), $"0x{bits[i]:X4}: {widened[i]}, expected {expected}");
+        }
+    }
 
     [Property(Arbitrary = [typeof(QuantArbitraries)], MaxTest = 60)]
     public void Dequantized_panels_match_dequantize_then_reference(QuantMatMulCase c) =>
