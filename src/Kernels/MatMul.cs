@@ -19,6 +19,8 @@ public static unsafe class MatMul
     private const int PanelMinRows = 8;
     // Below this many multiply-adds the fork/join costs more than it saves.
     private const long ParallelThreshold = 1L << 20;
+    // From this many x rows the packed outer-product GEMM (PackedGemm) is faster than the dot-product tiles below.
+    internal const int PackedMinRows = 16;
 
     // Each thread's fp32 panel, kept so that warm calls allocate nothing (a tile never calls MatMul again).
     [ThreadStatic] private static float[]? t_panel;
@@ -116,6 +118,13 @@ public static unsafe class MatMul
         where TVec : unmanaged
         where TReader : struct, IWeightReader
     {
+        if (shape.Rows >= PackedMinRows)
+        {
+            var rows = new StoredWeightRows<TOps, TVec, TReader>(shape.W, shape.K);
+            PackedGemm.Multiply<TOps, TVec, StoredWeightRows<TOps, TVec, TReader>>(
+                shape.X, shape.Rows, shape.N, shape.K, rows, shape.Bias, shape.Y, shape.SoftCap);
+            return;
+        }
         int tilesM = (shape.Rows + TileRows - 1) / TileRows;
         int tilesN = (shape.N + TileCols - 1) / TileCols;
         bool parallel = (long)shape.Rows * shape.N * shape.K >= ParallelThreshold;
