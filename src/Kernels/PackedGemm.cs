@@ -89,6 +89,42 @@ internal static unsafe class PackedGemm
     [ThreadStatic] private static float[]? t_packedW;
     [ThreadStatic] private static float[]? t_sums;
 
+    /// <summary>
+    /// y[m, n] = sum_k x[m, k] · W[n, k] + bias[n] for m &lt; rows, then y = cap · tanh(y / cap) when
+    /// <paramref name="softCap"/> is positive, with W [n, k] supplied by <paramref name="w"/> (the Quant library's
+    /// weights come in here). The operands are checked as <see cref="MatMul.CheckOperands"/> does.
+    /// </summary>
+    public static void Multiply<TRows>(ReadOnlySpan<float> x, int rows, in TRows w, int n, int k, ReadOnlySpan<float> bias, Span<float> y, float softCap)
+        where TRows : struct, IWeightRows =>
+        Multiply(x, rows, w, n, k, bias, y, softCap, SimdWidths.Best);
+
+    /// <summary>As the overload above, with the vector width chosen by the caller (tests run every width).</summary>
+    public static void Multiply<TRows>(ReadOnlySpan<float> x, int rows, in TRows w, int n, int k, ReadOnlySpan<float> bias, Span<float> y, float softCap, SimdWidth width)
+        where TRows : struct, IWeightRows
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(rows);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(n);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(k);
+        if (!(softCap >= 0f) || float.IsInfinity(softCap))
+            throw new ArgumentOutOfRangeException(nameof(softCap), softCap, "the soft-cap must be 0 (none) or positive and finite");
+        MatMul.CheckOperands(x, rows, n, k, bias, y);
+        if (rows == 0)
+            return;
+        fixed (float* xp = x)
+        fixed (float* bp = bias)
+        fixed (float* yp = y)
+        {
+            float* biasPointer = bias.IsEmpty ? null : bp;
+            switch (width)
+            {
+                case SimdWidth.Vector512: Multiply<Simd512, Vector512<float>, TRows>(xp, rows, n, k, w, biasPointer, yp, softCap); break;
+                case SimdWidth.Vector256: Multiply<Simd256, Vector256<float>, TRows>(xp, rows, n, k, w, biasPointer, yp, softCap); break;
+                case SimdWidth.Vector128: Multiply<Simd128, Vector128<float>, TRows>(xp, rows, n, k, w, biasPointer, yp, softCap); break;
+                default: Multiply<SimdScalar, float, TRows>(xp, rows, n, k, w, biasPointer, yp, softCap); break;
+            }
+        }
+    }
+
     /// <summary>y[m, n] = sum_k x[m, k] · W[n, k] + bias[n] for m &lt; rows, then the soft-cap when it is positive.</summary>
     public static void Multiply<TOps, TVec, TRows>(float* x, int rows, int n, int k, in TRows w, float* bias, float* y, float softCap)
         where TOps : struct, ISimdOps<TOps, TVec>

@@ -437,6 +437,22 @@ public sealed unsafe class KernelThreadingTests
         Assert.All(y, value => Assert.True(float.IsFinite(value)));
     }
 
+    [Fact]
+    public void Quantized_prefill_matmul_allocates_nothing()
+    {
+        const int rows = 70, n = 300, k = 700;   // nf4 prefill: dequantized into the packed GEMM's panels, in parallel
+        float[] x = RandomFloats(new Random(5), rows * k, -1f, 1f);
+        float[] y = new float[rows * n];
+        float[] weights = RandomFloats(new Random(6), n * k, -0.05f, 0.05f);
+        fixed (float* wp = weights)
+        {
+            var q = PaliGemma.CpuOnly.Quant.Quantizer.Quantize(new WeightMatrix(wp, DType.F32, n, k), PaliGemma.CpuOnly.Quant.QuantFormat.Nf4);
+            WithMaxThreads(Math.Max(2, Environment.ProcessorCount),
+                () => AssertNoAllocation(() => PaliGemma.CpuOnly.Quant.QuantMatMul.Multiply(x, rows, q, default, y), calls: 100));
+        }
+        Assert.All(y, value => Assert.True(float.IsFinite(value)));
+    }
+
     [Theory]
     [InlineData("q8")]
     [InlineData("nf4")]
