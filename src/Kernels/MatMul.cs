@@ -20,7 +20,7 @@ public static unsafe class MatMul
     // Below this many multiply-adds the fork/join costs more than it saves.
     private const long ParallelThreshold = 1L << 20;
     // From this many x rows the packed outer-product GEMM (PackedGemm) is faster than the dot-product tiles below.
-    internal const int PackedMinRows = 16;
+    internal const int PackedMinRows = 32;
 
     // Each thread's fp32 panel, kept so that warm calls allocate nothing (a tile never calls MatMul again).
     [ThreadStatic] private static float[]? t_panel;

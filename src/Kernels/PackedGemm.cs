@@ -75,16 +75,18 @@ internal static unsafe class PackedGemm
 {
     /// <summary>W rows per micro-panel: each is broadcast against 2 vectors of x rows (24 accumulators).</summary>
     internal const int Broadcasts = 12;
+    private const int HalfBroadcasts = Broadcasts / 2;
     /// <summary>K block: a micro-panel of W (Broadcasts x DepthBlock fp32) fits in L1, an x block in L2.</summary>
     internal const int DepthBlock = 256;
-    // x panels per row block: the packed x block (rows x DepthBlock) and the [n][m] sums stay in L2.
-    private const int PanelsPerRowBlock = 8;
+    // Most x panels per row block, so that the packed x block (rows x DepthBlock) and the [n][m] sums stay in L2
+    // (10 panels of 32 rows take a Gemma prompt of 256 image tokens plus text in one block).
+    private const int MaxPanelsPerRowBlock = 10;
     // Most micro-panels (W rows / Broadcasts) per work item; items are then balanced between the threads.
     private const int MaxMicroPanelsPerItem = 20;
     // Below this many multiply-adds the fork/join costs more than it saves.
     private const long ParallelThreshold = 1L << 20;
 
-    // The calling thread's packed x (one row block, all of K) and each thread's W block and [n][m] sums: kept, so warm calls allocate nothing.
+    // The calling thread's packed x (one row block, all of K) and each thread's W micro-panel and [n][m] sums: kept, so warm calls allocate nothing.
     [ThreadStatic] private static float[]? t_packedX;
     [ThreadStatic] private static float[]? t_packedW;
     [ThreadStatic] private static float[]? t_sums;
@@ -133,7 +135,7 @@ internal static unsafe class PackedGemm
     {
         int panelRows = 2 * TOps.Count;
         int panels = (rows + panelRows - 1) / panelRows;
-        int rowBlocks = (panels + PanelsPerRowBlock - 1) / PanelsPerRowBlock;
+        int rowBlocks = (panels + MaxPanelsPerRowBlock - 1) / MaxPanelsPerRowBlock;
         int microPanels = (n + Broadcasts - 1) / Broadcasts;
         bool parallel = (long)rows * n * k >= ParallelThreshold && KernelThreading.MaxThreads > 1;
         int items = (microPanels + MaxMicroPanelsPerItem - 1) / MaxMicroPanelsPerItem;
@@ -239,29 +241,49 @@ internal static unsafe class PackedGemm
     {
         private static int PanelRows => 2 * TOps.Count;
 
-        /// <summary>Packs x rows of panel <paramref name="index"/> (of this row block) as [k][PanelRows], zero rows past the end.</summary>
+        /// <summary>
+        /// Packs the x rows of panel <paramref name="index"/> (of this row block), zero rows past the end. Each K block
+        /// of the row block is contiguous, [panel][k][PanelRows], so the block the micro-kernels sweep is one span of memory.
+        /// </summary>
         public void PackPanel(int index)
         {
             int panelRows = PanelRows;
+            int panels = endPanel - firstPanel;
             int m0 = (firstPanel + index) * panelRows;
             int valid = Math.Min(panelRows, rows - m0);
-            float* panel = packedX + (nint)index * panelRows * k;
-            // K in chunks, so that the chunk of the panel being written stays in L1 while every row is read into it.
-            const int Chunk = 64;
-            for (int k0 = 0; k0 < k; k0 += Chunk)
+            // Whole groups of 16 rows go through 16 x 16 register transposes.
+            int vectorRows = typeof(TOps) == typeof(Simd512) && Avx512F.IsSupported ? valid & ~15 : 0;
+            for (int k0 = 0; k0 < k; k0 += DepthBlock)
             {
-                int k1 = Math.Min(k, k0 + Chunk);
-                for (int r = 0; r < valid; r++)
+                int depth = Math.Min(DepthBlock, k - k0);
+                float* block = packedX + (nint)k0 * panels * panelRows + (nint)index * depth * panelRows;
+                int vectorDepth = depth & ~15;
+                for (int r = 0; r < vectorRows; r += 16)
                 {
-                    float* source = x + (nint)(m0 + r) * k;
-                    float* target = panel + r;
-                    for (int i = k0; i < k1; i++)
-                        target[(nint)i * panelRows] = source[i];
+                    for (int i = 0; i < vectorDepth; i += 16)
+                        Transpose16(x + (nint)(m0 + r) * k + k0 + i, k, block + (nint)i * panelRows + r, panelRows, Vector512<float>.Zero);
                 }
-                for (int r = valid; r < panelRows; r++)
+                // The rest element by element, in chunks of K so that the part of the panel being written stays in L1.
+                const int Chunk = 64;
+                for (int i0 = 0; i0 < depth; i0 += Chunk)
                 {
-                    for (int i = k0; i < k1; i++)
-                        panel[(nint)i * panelRows + r] = 0f;
+                    int i1 = Math.Min(depth, i0 + Chunk);
+                    for (int r = 0; r < panelRows; r++)
+                    {
+                        int start = r < vectorRows ? Math.Max(i0, vectorDepth) : i0;
+                        float* target = block + r;
+                        if (r < valid)
+                        {
+                            float* source = x + (nint)(m0 + r) * k + k0;
+                            for (int i = start; i < i1; i++)
+                                target[(nint)i * panelRows] = source[i];
+                        }
+                        else
+                        {
+                            for (int i = start; i < i1; i++)
+                                target[(nint)i * panelRows] = 0f;
+                        }
+                    }
                 }
             }
         }
@@ -278,41 +300,44 @@ internal static unsafe class PackedGemm
             int n0 = j0 * Broadcasts, n1 = Math.Min(n, j1 * Broadcasts);
             int blockRows = (j1 - j0) * Broadcasts;
 
-            int wLength = blockRows * DepthBlock, sumLength = blockRows * sumStride;
-            float[] packedW = t_packedW is { } pw && pw.Length >= wLength ? pw : (t_packedW = GC.AllocateUninitializedArray<float>(wLength));
+            int sumLength = blockRows * sumStride;
+            float[] packedW = t_packedW ??= GC.AllocateUninitializedArray<float>(Broadcasts * DepthBlock);
             float[] sums = t_sums is { } s && s.Length >= sumLength ? s : (t_sums = GC.AllocateUninitializedArray<float>(sumLength));
-            fixed (float* wp = packedW)
+            fixed (float* wPanel = packedW)
             fixed (float* cp = sums)
             {
                 for (int k0 = 0; k0 < k; k0 += DepthBlock)
                 {
                     int depth = Math.Min(DepthBlock, k - k0);
-                    // Widen this item's W rows for the K block; rows past N are zeros (their sums are never stored).
-                    w.Widen(n0, n1 - n0, k0, k0 + depth, wp, DepthBlock);
-                    for (int r = n1 - n0; r < blockRows; r++)
-                        new Span<float>(wp + (nint)r * DepthBlock, depth).Clear();
-
                     bool accumulate = k0 > 0;
-                    for (int p = 0; p < panels; p++)
+                    for (int j = j0; j < j1; j++)
                     {
-                        float* xPanel = packedX + ((nint)p * k + k0) * panelRows;
-                        float* sumPanel = cp + p * panelRows;
-                        // A last panel with at most one vector of real rows skips the other (zero) vector.
-                        bool half = m1 - (m0 + p * panelRows) <= TOps.Count;
-                        for (int j = 0; j < j1 - j0; j++)
+                        // Widen the micro-panel's W rows for this K block (rows past N are zeros: their sums are never
+                        // stored), and ask for the next micro-panel's, which then arrive from memory under this one's arithmetic.
+                        int row = j * Broadcasts, count = Math.Min(Broadcasts, n - row);
+                        w.Widen(row, count, k0, k0 + depth, wPanel, DepthBlock);
+                        for (int r = count; r < Broadcasts; r++)
+                            new Span<float>(wPanel + (nint)r * DepthBlock, depth).Clear();
+                        if (j + 1 < j1)
+                            w.Prefetch(row + Broadcasts, Math.Min(Broadcasts, n - row - Broadcasts), k0, k0 + depth);
+                        else if (k0 + DepthBlock < k)
+                            w.Prefetch(n0, Math.Min(Broadcasts, n - n0), k0 + DepthBlock, Math.Min(k, k0 + 2 * DepthBlock));
+
+                        // The W micro-panel stays in L1 while the x panels of the block stream past it from L2.
+                        float* sumRow = cp + (nint)(j - j0) * Broadcasts * sumStride;
+                        for (int p = 0; p < panels; p++)
                         {
-                            // The first panel's pass asks for the next K block of W, a micro-panel at a time.
-                            if (p == 0 && k0 + DepthBlock < k)
+                            float* xPanel = packedX + ((nint)k0 * panels + (nint)p * depth) * panelRows;
+                            // A last panel with at most one vector of real rows skips the other (zero) vector.
+                            if (m1 - (m0 + p * panelRows) <= TOps.Count)
+                                Kernel1(xPanel, wPanel, depth, sumRow + p * panelRows, sumStride, accumulate);
+                            else if (SplitTile)
                             {
-                                int row = n0 + j * Broadcasts;
-                                w.Prefetch(row, Math.Min(Broadcasts, n1 - row), k0 + DepthBlock, Math.Min(k, k0 + 2 * DepthBlock));
+                                Kernel2Half(xPanel, wPanel, depth, sumRow + p * panelRows, sumStride, accumulate);
+                                Kernel2Half(xPanel, wPanel + HalfBroadcasts * DepthBlock, depth, sumRow + p * panelRows + HalfBroadcasts * sumStride, sumStride, accumulate);
                             }
-                            float* wPanel = wp + (nint)j * Broadcasts * DepthBlock;
-                            float* sumTile = sumPanel + (nint)j * Broadcasts * sumStride;
-                            if (half)
-                                Kernel1(xPanel, wPanel, depth, sumTile, sumStride, accumulate);
                             else
-                                Kernel2(xPanel, wPanel, depth, sumTile, sumStride, accumulate);
+                                Kernel2(xPanel, wPanel, depth, sumRow + p * panelRows, sumStride, accumulate);
                         }
                     }
                 }
@@ -400,6 +425,39 @@ internal static unsafe class PackedGemm
             Put(sums, a9, accumulate); Put(sums + count, b9, accumulate); sums += sumStride;
             Put(sums, a10, accumulate); Put(sums + count, b10, accumulate); sums += sumStride;
             Put(sums, a11, accumulate); Put(sums + count, b11, accumulate);
+        }
+
+        /// <summary>
+        /// True where 24 accumulators would not fit in the registers: x64 without AVX-512 has 16 vector registers, so
+        /// each micro-panel is swept as two halves of 6 W rows (12 accumulators). Vector128 on x64 is the best width
+        /// only on CPUs without AVX, so it always takes the halves (which also keeps them tested on AVX-512 machines).
+        /// </summary>
+        private static bool SplitTile => X86Base.IsSupported && (!Avx512F.IsSupported || typeof(TOps) == typeof(Simd128));
+
+        /// <summary>As <see cref="Kernel2"/> for 6 W rows: 12 accumulators, for CPUs with 16 vector registers.</summary>
+        private static void Kernel2Half(float* x, float* w, int depth, float* sums, nint sumStride, bool accumulate)
+        {
+            TVec a0 = TOps.Zero, a1 = TOps.Zero, a2 = TOps.Zero, a3 = TOps.Zero, a4 = TOps.Zero, a5 = TOps.Zero;
+            TVec b0 = TOps.Zero, b1 = TOps.Zero, b2 = TOps.Zero, b3 = TOps.Zero, b4 = TOps.Zero, b5 = TOps.Zero;
+            int count = TOps.Count;
+            for (int i = 0; i < depth; i++)
+            {
+                TVec u = TOps.Load(x), v = TOps.Load(x + count);
+                TVec s = TOps.Create(w[0]); a0 = TOps.MultiplyAdd(u, s, a0); b0 = TOps.MultiplyAdd(v, s, b0);
+                s = TOps.Create(w[1 * DepthBlock]); a1 = TOps.MultiplyAdd(u, s, a1); b1 = TOps.MultiplyAdd(v, s, b1);
+                s = TOps.Create(w[2 * DepthBlock]); a2 = TOps.MultiplyAdd(u, s, a2); b2 = TOps.MultiplyAdd(v, s, b2);
+                s = TOps.Create(w[3 * DepthBlock]); a3 = TOps.MultiplyAdd(u, s, a3); b3 = TOps.MultiplyAdd(v, s, b3);
+                s = TOps.Create(w[4 * DepthBlock]); a4 = TOps.MultiplyAdd(u, s, a4); b4 = TOps.MultiplyAdd(v, s, b4);
+                s = TOps.Create(w[5 * DepthBlock]); a5 = TOps.MultiplyAdd(u, s, a5); b5 = TOps.MultiplyAdd(v, s, b5);
+                x += 2 * count;
+                w++;
+            }
+            Put(sums, a0, accumulate); Put(sums + count, b0, accumulate); sums += sumStride;
+            Put(sums, a1, accumulate); Put(sums + count, b1, accumulate); sums += sumStride;
+            Put(sums, a2, accumulate); Put(sums + count, b2, accumulate); sums += sumStride;
+            Put(sums, a3, accumulate); Put(sums + count, b3, accumulate); sums += sumStride;
+            Put(sums, a4, accumulate); Put(sums + count, b4, accumulate); sums += sumStride;
+            Put(sums, a5, accumulate); Put(sums + count, b5, accumulate);
         }
 
         /// <summary>As <see cref="Kernel2"/> for a last panel whose second vector holds only padding.</summary>

@@ -47,8 +47,11 @@ public sealed unsafe class MatMulTests
     [Property(Arbitrary = [typeof(MatMulArbitraries)], MaxTest = 50)]
     public void Public_entry_point_matches_double_reference(MatMulCase c) => Check(c.Rows, c.K, c.N, c.DType, c.Bias, width: null, c.Seed);
 
-    // Crosses the 64 x 64 tile edges and the K blocks (F16 tiles of 8+ rows go through the widened panel), large enough to run multi-threaded.
+    // Crosses the 64 x 64 tile edges and the K blocks (F16 tiles of 8+ rows go through the widened panel), large enough to
+    // run multi-threaded; the first rows are below MatMul.PackedMinRows (the dot-product tiles), the rest the packed GEMM.
     [Theory]
+    [InlineData(31, 2100, 131, DType.F16)]
+    [InlineData(20, 1500, 70, DType.BF16)]
     [InlineData(70, 2100, 131, DType.F32)]
     [InlineData(67, 2100, 130, DType.BF16)]
     [InlineData(1, 4500, 257, DType.F16)]
@@ -61,9 +64,9 @@ public sealed unsafe class MatMulTests
     public void Packed_gemm_matches_double_reference(PackedMatMulCase c) =>
         Check(c.Rows, c.K, c.N, c.DType, c.Bias, c.Width, c.Seed, c.SoftCap);
 
-    // Several row blocks (of 8 panels) and several work items per thread, with a ragged last panel, micro-panel and K block.
+    // Several row blocks (of up to 10 panels) and several work items per thread, with a ragged last panel, micro-panel and K block.
     [Theory]
-    [InlineData(300, 600, 530, DType.BF16, 0f)]
+    [InlineData(350, 600, 530, DType.BF16, 0f)]
     [InlineData(529, 70, 97, DType.F32, 0f)]
     [InlineData(257, 333, 251, DType.F16, 5f)]
     public void Packed_gemm_matches_reference_on_blocked_shapes(int rows, int k, int n, DType dtype, float softCap) =>
