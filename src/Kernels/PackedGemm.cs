@@ -20,8 +20,8 @@ internal unsafe interface IWeightRows
     void Widen(int row, int count, int k0, int k1, float* destination, int stride);
 
     /// <summary>
-    /// Hints that W[row .. row + count, k0..k1) is widened soon (the GEMM asks for the next K block while it computes
-    /// this one, so the weights stream from memory under the arithmetic). May do nothing.
+    /// Hints that W[row .. row + count, k0..k1) is widened soon (the GEMM asks for the next micro-panel's rows while it
+    /// computes with this one, so the weights stream in from memory under the arithmetic). May do nothing.
     /// </summary>
     void Prefetch(int row, int count, int k0, int k1);
 }
