@@ -50,14 +50,11 @@ internal readonly unsafe struct StoredWeightRows<TOps, TVec, TReader>(byte* data
 
     public void Prefetch(int row, int count, int k0, int k1)
     {
-        if (!Sse.IsSupported)
-            return;
         nint rowBytes = (nint)cols * TReader.ElementSize;
         for (int r = 0; r < count; r++)
         {
             byte* source = data + (row + r) * rowBytes;
-            for (nint offset = k0 * TReader.ElementSize; offset < k1 * TReader.ElementSize; offset += 64)
-                Sse.Prefetch1(source + offset);
+            PackedGemm.PrefetchLines(source + k0 * TReader.ElementSize, source + k1 * TReader.ElementSize);
         }
     }
 }
@@ -162,6 +159,17 @@ internal static unsafe class PackedGemm
                 KernelThreading.For(items, parallel, job);
             }
         }
+    }
+
+    /// <summary>Asks for every cache line of [start, end) to be brought into L2 (where the CPU has a prefetch instruction).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static void PrefetchLines(byte* start, byte* end)
+    {
+        if (!Sse.IsSupported)
+            return;
+        // From the line holding the first byte: the rows are rarely aligned to cache lines.
+        for (byte* line = (byte*)((nint)start & ~(nint)63); line < end; line += 64)
+            Sse.Prefetch1(line);
     }
 
     /// <summary>

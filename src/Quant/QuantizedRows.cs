@@ -19,22 +19,36 @@ internal readonly unsafe struct QuantizedRows(QuantizedMatrix matrix) : IWeightR
         // k0 is a multiple of the GEMM's K block, so of both block sizes: the range starts on a block.
         int blockSize = _format.BlockSize();
         int firstBlock = k0 / blockSize;
-        int blocks = (k1 - k0 + blockSize - 1) / blockSize;
+        int wholeBlocks = (k1 - k0) / blockSize;
+        int tail = k1 - k0 - wholeBlocks * blockSize;
         int blockBytes = _format.BlockBytes();
+        bool vector = Avx512F.IsSupported;
+        Span<float> partial = stackalloc float[64];
         for (int r = 0; r < count; r++)
         {
             long block = (long)(row + r) * _blocksPerRow + firstBlock;
-            Quantizer.DequantizeRow(_format,
-                new ReadOnlySpan<byte>(_codes + block * blockBytes, blocks * blockBytes),
-                new ReadOnlySpan<float>(_scales + block, blocks),
-                new Span<float>(destination + (nint)r * stride, k1 - k0));
+            byte* codes = _codes + block * blockBytes;
+            float* scales = _scales + block;
+            float* target = destination + (nint)r * stride;
+            int b = 0;
+            if (vector)
+            {
+                for (; b < wholeBlocks; b++)
+                    Quantizer.DequantizeBlockVector512(_format, codes + b * blockBytes, scales[b], target + b * blockSize);
+            }
+            for (; b < wholeBlocks; b++)
+                Quantizer.DequantizeBlockScalar(_format, codes + b * blockBytes, scales[b], new Span<float>(target + b * blockSize, blockSize));
+            if (tail > 0)
+            {
+                // The last block of the row is zero-padded past K; only its first elements are wanted.
+                Quantizer.DequantizeBlockScalar(_format, codes + b * blockBytes, scales[b], partial);
+                partial[..tail].CopyTo(new Span<float>(target + b * blockSize, tail));
+            }
         }
     }
 
     public void Prefetch(int row, int count, int k0, int k1)
     {
-        if (!Sse.IsSupported)
-            return;
         int blockSize = _format.BlockSize();
         int firstBlock = k0 / blockSize;
         int blocks = (k1 - k0 + blockSize - 1) / blockSize;
@@ -43,9 +57,8 @@ internal readonly unsafe struct QuantizedRows(QuantizedMatrix matrix) : IWeightR
         {
             long block = (long)(row + r) * _blocksPerRow + firstBlock;
             byte* codes = _codes + block * blockBytes;
-            for (int offset = 0; offset < blocks * blockBytes; offset += 64)
-                Sse.Prefetch1(codes + offset);
-            Sse.Prefetch1(_scales + block);
+            PackedGemm.PrefetchLines(codes, codes + blocks * blockBytes);
+            PackedGemm.PrefetchLines((byte*)(_scales + block), (byte*)(_scales + block + blocks));
         }
     }
 }
