@@ -144,12 +144,13 @@ internal static unsafe class PackedGemm
         }
 
         int mostPanels = (panels + rowBlocks - 1) / rowBlocks;
-        long packedLength = (long)mostPanels * panelRows * k;
+        long packedLength = (long)mostPanels * panelRows * k + LineFloats;
         float[] packedX = t_packedX is { } existing && existing.Length >= packedLength
             ? existing
             : (t_packedX = GC.AllocateUninitializedArray<float>(checked((int)packedLength)));
-        fixed (float* xp = packedX)
+        fixed (float* unaligned = packedX)
         {
+            float* xp = AlignToLine(unaligned);
             for (int block = 0; block < rowBlocks; block++)
             {
                 // Row blocks split the panels evenly.
@@ -160,6 +161,13 @@ internal static unsafe class PackedGemm
             }
         }
     }
+
+    // The packed buffers start on a cache line, so that no 64-byte vector load or store straddles two (arrays are
+    // only 8- or 16-byte aligned); their arrays hold one line more than they use.
+    private const int LineFloats = 64 / sizeof(float);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float* AlignToLine(float* pointer) => (float*)(((nint)pointer + 63) & ~(nint)63);
 
     /// <summary>Asks for every cache line of [start, end) to be brought into L2 (where the CPU has a prefetch instruction).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -309,11 +317,12 @@ internal static unsafe class PackedGemm
             int blockRows = (j1 - j0) * Broadcasts;
 
             int sumLength = blockRows * sumStride;
-            float[] packedW = t_packedW ??= GC.AllocateUninitializedArray<float>(Broadcasts * DepthBlock);
-            float[] sums = t_sums is { } s && s.Length >= sumLength ? s : (t_sums = GC.AllocateUninitializedArray<float>(sumLength));
-            fixed (float* wPanel = packedW)
-            fixed (float* cp = sums)
+            float[] packedW = t_packedW ??= GC.AllocateUninitializedArray<float>(Broadcasts * DepthBlock + LineFloats);
+            float[] sums = t_sums is { } s && s.Length >= sumLength + LineFloats ? s : (t_sums = GC.AllocateUninitializedArray<float>(sumLength + LineFloats));
+            fixed (float* unalignedW = packedW)
+            fixed (float* unalignedSums = sums)
             {
+                float* wPanel = AlignToLine(unalignedW), cp = AlignToLine(unalignedSums);
                 for (int k0 = 0; k0 < k; k0 += DepthBlock)
                 {
                     int depth = Math.Min(DepthBlock, k - k0);
