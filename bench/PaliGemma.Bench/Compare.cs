@@ -8,8 +8,8 @@ namespace PaliGemma.Bench;
 
 /// <summary>
 /// <c>compare [substring...]</c>: each pair built, checked, warmed for half a second per side, then timed alternately with a Stopwatch
-/// (at least 3 runs each, more while under a second; calls under 20 ms in alternating bursts of 5 per side), and one
-/// table line printed as soon as it is measured.
+/// (at least 3 runs each, more while under a second; calls under 20 ms in alternating bursts of 5 per side, each burst
+/// after a 50 ms pause), and one table line printed as soon as it is measured.
 /// </summary>
 internal static class Compare
 {
@@ -17,6 +17,10 @@ internal static class Compare
     private const double BurstBelowMs = 20;
     private static readonly TimeSpan Budget = TimeSpan.FromSeconds(1);
     private static readonly TimeSpan WarmUpTime = TimeSpan.FromSeconds(0.5);
+    // ORT's intra-op threads keep spinning for tens of milliseconds after Run returns (measured: a 2-thread call of ours
+    // timed right after ORT's ran at about one thread's speed; 50 ms later, at full speed, and ORT's own times did not
+    // change). Each side's burst starts after this pause, so neither is timed beside the other's idle spinning threads.
+    private const int SideSwitchPauseMs = 50;
 
     public static int Run(string[] filters)
     {
@@ -54,8 +58,10 @@ internal static class Compare
                 var total = Stopwatch.StartNew();
                 while (ours.Count < MinRuns || (ours.Count < MaxRuns * burst && total.Elapsed < Budget))
                 {
+                    Thread.Sleep(SideSwitchPauseMs);
                     for (int i = 0; i < burst; i++)
                         ours.Add(Time(pair.RunOurs));
+                    Thread.Sleep(SideSwitchPauseMs);
                     for (int i = 0; i < burst; i++)
                         ort.Add(Time(pair.RunOrt));
                 }

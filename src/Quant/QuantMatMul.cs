@@ -30,7 +30,7 @@ public enum QuantPrefillKernel
 /// y = x Wᵀ + b with W a <see cref="QuantizedMatrix"/>. Few x rows (decode): a GEMV that streams the packed blocks once
 /// and dequantizes them in registers. Many x rows (prefill, vision): q8 weights meet activations quantized to int16 (or int8)
 /// blocks in integer multiply-adds (<see cref="IntegerGemm"/>, chosen by <see cref="PrefillKernel"/>); nf4 weights (and q8 on CPUs without integer multiply-add) are dequantized a
-/// panel of rows at a time into an fp32 buffer while packing, and the panel goes through the fp32 GEMM of <see cref="MatMul"/>.
+/// K block of a few rows at a time straight into the panels of the packed fp32 GEMM (<see cref="PackedGemm"/>).
 /// </summary>
 public static unsafe class QuantMatMul
 {
@@ -42,8 +42,6 @@ public static unsafe class QuantMatMul
     private const int GemvRowsPerItem = 32;
     // Below this many weights (about 10 µs of work) the GEMV runs on the calling thread: waking a second thread costs as much.
     private const long GemvParallelThreshold = 1L << 20;
-    // Target fp32 panel size for the prefill path (floats, 2 MB, about an L2). At least 64 W rows (one GEMM tile) per panel.
-    private const int PanelFloats = 1 << 19;
 
     /// <summary>y[m, n] = sum_k x[m, k] · W[n, k] + bias[n] for m &lt; rows; then y = cap · tanh(y / cap) when <paramref name="outputSoftCap"/> &gt; 0.</summary>
     public static void Multiply(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap = 0f) =>
@@ -614,49 +612,7 @@ public static unsafe class QuantMatMul
         s0 = sums[0]; s1 = sums[1]; s2 = sums[2]; s3 = sums[3];
     }
 
-    private static void PanelGemm(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float softCap)
-    {
-        int n = w.Rows, k = w.Cols;
-        // Panel height: a multiple of 64 W rows (one GEMM tile) whose fp32 copy is about PanelFloats.
-        int height = Math.Min(Math.Max(64, PanelFloats / k / 64 * 64), n);
-        // Per-thread buffers, kept between calls: panels are megabytes, beyond what the shared array pool keeps.
-        float[] panel = t_panel is { } p && p.Length >= height * k ? p : (t_panel = GC.AllocateUninitializedArray<float>(height * k));
-        float[] partial = t_partial is { } q && q.Length >= rows * height ? q : (t_partial = GC.AllocateUninitializedArray<float>(rows * height));
-        var options = new ParallelOptions { MaxDegreeOfParallelism = KernelThreading.MaxThreads };
-        try
-        {
-            fixed (float* panelPointer = panel)
-            {
-                for (int n0 = 0; n0 < n; n0 += height)
-                {
-                    int h = Math.Min(height, n - n0);
-                    // Dequantize while packing: W rows n0..n0+h become a contiguous fp32 panel [h, K].
-                    int start = n0;
-                    Parallel.For(0, (h + 15) / 16, options, chunk =>
-                    {
-                        int end = Math.Min(h, chunk * 16 + 16);
-                        for (int r = chunk * 16; r < end; r++)
-                            w.DequantizeRow(start + r, panel.AsSpan(r * k, k));
-                    });
-                    var panelMatrix = new WeightMatrix(panelPointer, DType.F32, h, k);
-                    Span<float> result = partial.AsSpan(0, rows * h);
-                    ReadOnlySpan<float> biasSlice = bias.IsEmpty ? default : bias.Slice(n0, h);
-                    if (softCap > 0f)
-                        MatMul.Multiply(x, rows, panelMatrix, biasSlice, result, softCap);
-                    else
-                        MatMul.Multiply(x, rows, panelMatrix, biasSlice, result);
-                    for (int m = 0; m < rows; m++)
-                        result.Slice(m * h, h).CopyTo(y.Slice(m * n + n0, h));
-                }
-            }
-        }
-        finally
-        {
-            // Very large prompts would otherwise pin their buffers to the thread for good.
-            if (partial.Length > 1 << 24) t_partial = null;
-        }
-    }
-
-    [ThreadStatic] private static float[]? t_panel;
-    [ThreadStatic] private static float[]? t_partial;
+    /// <summary>The weights dequantized a K block of a few rows at a time straight into the packed fp32 GEMM's panels.</summary>
+    private static void PanelGemm(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float softCap) =>
+        PackedGemm.Multiply(x, rows, new QuantizedRows(w), w.Rows, w.Cols, bias, y, softCap);
 }

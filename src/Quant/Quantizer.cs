@@ -253,7 +253,7 @@ public static class Quantizer
         }
     }
 
-    private static unsafe void DequantizeBlockScalar(QuantFormat format, byte* codes, float scale, Span<float> target)
+    internal static unsafe void DequantizeBlockScalar(QuantFormat format, byte* codes, float scale, Span<float> target)
     {
         if (format == QuantFormat.Q8)
         {
@@ -268,7 +268,7 @@ public static class Quantizer
         }
     }
 
-    private static unsafe void DequantizeBlockVector512(QuantFormat format, byte* codes, float scale, float* target)
+    internal static unsafe void DequantizeBlockVector512(QuantFormat format, byte* codes, float scale, float* target)
     {
         var s = Vector512.Create(scale);
         if (format == QuantFormat.Q8)

@@ -22,10 +22,12 @@ public sealed unsafe class KernelThreadingTests
         Assert.True(KernelThreading.MaxThreads >= 1);
     }
 
-    [Fact]
-    public void MatMul_single_thread_and_multi_thread_results_agree()
+    [Theory]
+    [InlineData(9)]
+    [InlineData(40)]   // the packed GEMM
+    public void MatMul_single_thread_and_multi_thread_results_agree(int rows)
     {
-        const int rows = 9, k = 700, n = 300;
+        const int k = 700, n = 300;
         var random = new Random(5);
         float[] x = RandomFloats(random, rows * k, -1f, 1f);
         var (bytes, _) = EncodeWeights(RandomFloats(random, n * k, -1f, 1f), DType.BF16);
@@ -410,6 +412,44 @@ public sealed unsafe class KernelThreadingTests
                 AssertNoAllocation(() => MatMul.Multiply(x, 1, w, default, y), calls: n * k > 1 << 24 ? 20 : 200);
             }
         });
+        Assert.All(y, value => Assert.True(float.IsFinite(value)));
+    }
+
+    [Theory]
+    [InlineData(DType.BF16, 0f)]
+    [InlineData(DType.F16, 30f)]
+    public void Prefill_matmul_allocates_nothing(DType dtype, float softCap)
+    {
+        const int rows = 70, n = 300, k = 700;   // the packed GEMM, parallel, with tails in every dimension
+        var random = new Random(3);
+        float[] x = RandomFloats(random, rows * k, -1f, 1f);
+        float[] bias = RandomFloats(random, n, -1f, 1f);
+        float[] y = new float[rows * n];
+        var (bytes, _) = EncodeWeights(RandomFloats(random, n * k, -0.1f, 0.1f), dtype);
+        WithMaxThreads(Math.Max(2, Environment.ProcessorCount), () =>
+        {
+            fixed (byte* wp = bytes)
+            {
+                var w = new WeightMatrix(wp, dtype, n, k);
+                AssertNoAllocation(() => MatMul.Multiply(x, rows, w, bias, y, softCap > 0f ? softCap : 0f), calls: 100);
+            }
+        });
+        Assert.All(y, value => Assert.True(float.IsFinite(value)));
+    }
+
+    [Fact]
+    public void Quantized_prefill_matmul_allocates_nothing()
+    {
+        const int rows = 70, n = 300, k = 700;   // nf4 prefill: dequantized into the packed GEMM's panels, in parallel
+        float[] x = RandomFloats(new Random(5), rows * k, -1f, 1f);
+        float[] y = new float[rows * n];
+        float[] weights = RandomFloats(new Random(6), n * k, -0.05f, 0.05f);
+        fixed (float* wp = weights)
+        {
+            var q = PaliGemma.CpuOnly.Quant.Quantizer.Quantize(new WeightMatrix(wp, DType.F32, n, k), PaliGemma.CpuOnly.Quant.QuantFormat.Nf4);
+            WithMaxThreads(Math.Max(2, Environment.ProcessorCount),
+                () => AssertNoAllocation(() => PaliGemma.CpuOnly.Quant.QuantMatMul.Multiply(x, rows, q, default, y), calls: 100));
+        }
         Assert.All(y, value => Assert.True(float.IsFinite(value)));
     }
 

@@ -20,7 +20,24 @@ public static class MatMulArbitraries
         from width in Widths
         from seed in Seeds
         select new MatMulCase(rows, k, n, dtype, bias, width, seed));
+
+    /// <summary>
+    /// Shapes for the packed GEMM (16+ rows): M crossing panels of 2 vectors and ending in a half panel or a partial
+    /// one, N crossing micro-panels of 12 and the 16-wide transposed store, K odd, below one vector and across K blocks of 256.
+    /// </summary>
+    public static Arbitrary<PackedMatMulCase> PackedCases() => Arb.From(
+        from rows in Gen.Choose(MatMul.PackedMinRows, 80)
+        from k in Gen.OneOf(Gen.Choose(1, 20), Gen.Choose(21, 600))
+        from n in Gen.Choose(1, 60)
+        from dtype in Gen.Elements(DType.F32, DType.BF16, DType.F16)
+        from bias in Gen.Elements(true, false)
+        from softCap in Gen.Elements(0f, 0f, 8f)
+        from width in Widths
+        from seed in Seeds
+        select new PackedMatMulCase(rows, k, n, dtype, bias, softCap, width, seed));
 }
+
+public sealed record PackedMatMulCase(int Rows, int K, int N, DType DType, bool Bias, float SoftCap, Width Width, int Seed);
 
 public sealed unsafe class MatMulTests
 {
@@ -30,8 +47,11 @@ public sealed unsafe class MatMulTests
     [Property(Arbitrary = [typeof(MatMulArbitraries)], MaxTest = 50)]
     public void Public_entry_point_matches_double_reference(MatMulCase c) => Check(c.Rows, c.K, c.N, c.DType, c.Bias, width: null, c.Seed);
 
-    // Crosses the 64 x 64 tile edges and the K blocks (F16 tiles of 8+ rows go through the widened panel), large enough to run multi-threaded.
+    // Crosses the 64 x 64 tile edges and the K blocks (F16 tiles of 8+ rows go through the widened panel), large enough to
+    // run multi-threaded; the first rows are below MatMul.PackedMinRows (the dot-product tiles), the rest the packed GEMM.
     [Theory]
+    [InlineData(31, 2100, 131, DType.F16)]
+    [InlineData(20, 1500, 70, DType.BF16)]
     [InlineData(70, 2100, 131, DType.F32)]
     [InlineData(67, 2100, 130, DType.BF16)]
     [InlineData(1, 4500, 257, DType.F16)]
@@ -40,7 +60,19 @@ public sealed unsafe class MatMulTests
     public void Multiply_matches_reference_on_tiled_and_parallel_shapes(int rows, int k, int n, DType dtype) =>
         Check(rows, k, n, dtype, bias: true, width: null, seed: rows * 31 + k);
 
-    private static void Check(int rows, int k, int n, DType dtype, bool bias, Width? width, int seed)
+    [Property(Arbitrary = [typeof(MatMulArbitraries)], MaxTest = 120)]
+    public void Packed_gemm_matches_double_reference(PackedMatMulCase c) =>
+        Check(c.Rows, c.K, c.N, c.DType, c.Bias, c.Width, c.Seed, c.SoftCap);
+
+    // Several row blocks (of up to 10 panels) and several work items per thread, with a ragged last panel, micro-panel and K block.
+    [Theory]
+    [InlineData(350, 600, 530, DType.BF16, 0f)]
+    [InlineData(529, 70, 97, DType.F32, 0f)]
+    [InlineData(257, 333, 251, DType.F16, 5f)]
+    public void Packed_gemm_matches_reference_on_blocked_shapes(int rows, int k, int n, DType dtype, float softCap) =>
+        Check(rows, k, n, dtype, bias: true, width: null, seed: rows + k + n, softCap);
+
+    private static void Check(int rows, int k, int n, DType dtype, bool bias, Width? width, int seed, float softCap = 0f)
     {
         var random = new Random(seed);
         float[] x = RandomFloats(random, rows * k, -2f, 2f);
@@ -54,7 +86,9 @@ public sealed unsafe class MatMulTests
         {
             var w = new WeightMatrix(wp, dtype, n, k);
             if (width is { } chosen)
-                MatMul.Multiply(x, rows, w, b, y, chosen.ToSimd());
+                MatMul.Multiply(x, rows, w, b, y, chosen.ToSimd(), softCap);
+            else if (softCap > 0f)
+                MatMul.Multiply(x, rows, w, b, y, softCap);
             else
                 MatMul.Multiply(x, rows, w, b, y);
         }
@@ -70,7 +104,10 @@ public sealed unsafe class MatMulTests
                     sum += product;
                     magnitude += Math.Abs(product);
                 }
-                AssertClose(sum, y[m * n + j], 1e-5 * magnitude + 1e-30, $"y[{m}, {j}] ({rows}x{k} * {n}x{k} {dtype} {width})");
+                // The cap's slope is at most 1, so the product's tolerance carries over; tanh itself adds a few ulps of the cap.
+                double expected = softCap > 0f ? softCap * Math.Tanh(sum / softCap) : sum;
+                double tolerance = 1e-5 * magnitude + 1e-30 + (softCap > 0f ? 2e-6 * softCap : 0);
+                AssertClose(expected, y[m * n + j], tolerance, $"y[{m}, {j}] ({rows}x{k} * {n}x{k} {dtype} {width} cap {softCap})");
             }
         }
         for (int j = rows * n; j < y.Length; j++)

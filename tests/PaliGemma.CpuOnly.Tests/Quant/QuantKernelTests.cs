@@ -32,7 +32,22 @@ public static class QuantArbitraries
         from seed in Gen.Choose(0, int.MaxValue)
         from scales in Gen.Elements(DType.F16, DType.F32)
         select new QuantMatMulCase(format, rows, k, n, bias, cap, seed, scales));
+
+    // The quantized row source in the packed GEMM: K across its 256-element blocks with a partial quant block at the end.
+    public static Arbitrary<PackedQuantCase> Packed() => Arb.From(
+        from format in Gen.Elements(QuantFormat.Q8, QuantFormat.Nf4)
+        from rows in Gen.Choose(1, 70)
+        from k in Gen.OneOf(Gen.Choose(1, 70), Gen.Choose(200, 700))
+        from n in Gen.Choose(1, 40)
+        from bias in Gen.Elements(true, false)
+        from cap in Gen.Elements(0f, 0f, 5f)
+        from width in Kernels.KernelTestSupport.Widths
+        from seed in Gen.Choose(0, int.MaxValue)
+        from scales in Gen.Elements(DType.F16, DType.F32)
+        select new PackedQuantCase(new QuantMatMulCase(format, rows, k, n, bias, cap, seed, scales), width));
 }
+
+public sealed record PackedQuantCase(QuantMatMulCase Case, Kernels.Width Width);
 
 public sealed unsafe class QuantKernelTests
 {
@@ -233,7 +248,11 @@ public sealed unsafe class QuantKernelTests
     public void Dequantized_panels_match_dequantize_then_reference(QuantMatMulCase c) =>
         Check(c with { Rows = c.Rows + QuantMatMul.GemvMaxRows }, path: null, panels: true);
 
-    private static void Check(QuantMatMulCase c, QuantMatMul.GemvPath? path, bool panels = false)
+    [Property(Arbitrary = [typeof(QuantArbitraries)], MaxTest = 80)]
+    public void Quantized_rows_in_the_packed_gemm_match_dequantize_then_reference(PackedQuantCase c) =>
+        Check(c.Case, path: null, packedWidth: c.Width);
+
+    private static void Check(QuantMatMulCase c, QuantMatMul.GemvPath? path, bool panels = false, Kernels.Width? packedWidth = null)
     {
         var random = new Random(c.Seed);
         float[] x = RandomFloats(random, c.Rows * c.K, 2f);
@@ -242,7 +261,9 @@ public sealed unsafe class QuantKernelTests
         var q = QuantizeF32(weights, c.N, c.K, c.Format, c.ScaleType);
         var y = new float[(c.Rows + 1) * c.N];
         Array.Fill(y, 12345f);
-        if (panels)
+        if (packedWidth is { } width)
+            PackedGemm.Multiply(x, c.Rows, new QuantizedRows(q), c.N, c.K, bias, y, c.SoftCap, Kernels.KernelTestSupport.ToSimd(width));
+        else if (panels)
             QuantMatMul.MultiplyPrefill(x, c.Rows, q, bias, y, c.SoftCap, IntegerGemm.Path.None);
         else if (path is { } p)
             QuantMatMul.Multiply(x, c.Rows, q, bias, y, c.SoftCap, p);
@@ -250,7 +271,7 @@ public sealed unsafe class QuantKernelTests
             QuantMatMul.Multiply(x, c.Rows, q, bias, y, c.SoftCap);
 
         // q8 prefill on integer activations (IntegerGemmTests checks it exactly): here, within half an activation step per element.
-        var integerPath = panels ? IntegerGemm.Path.None : QuantMatMul.PrefillPath(c.Rows, q);
+        var integerPath = panels || packedWidth != null ? IntegerGemm.Path.None : QuantMatMul.PrefillPath(c.Rows, q);
         bool integer = integerPath != IntegerGemm.Path.None;
         double stepFraction = integer ? 0.5 / IntegerGemm.ActivationLimit(integerPath) : 0;
         var row = new float[c.K];
