@@ -92,17 +92,8 @@ internal static unsafe class Gemv
         where TPairs : struct, IPairReader
     {
         int k = problem.K;
-        long rowBytes = (long)k * TPairs.ElementSize;
-        long bytes = rowBytes * problem.N;
         int groups = (problem.N + GroupRows - 1) / GroupRows;
-        int threads = KernelThreading.MaxThreads;
-        int chunks = 1;
-        if (threads > 1 && bytes >= ParallelMinBytes)
-        {
-            long wanted = (long)threads * ChunksPerThread;
-            long byBytes = Math.Max(1, bytes / MinChunkBytes);
-            chunks = (int)Math.Min(Math.Min(wanted, byBytes), groups);
-        }
+        int chunks = ChunkCount((long)k * TPairs.ElementSize * problem.N, problem.N, KernelThreading.MaxThreads);
 
         // The paired loads see x in their own order over the whole pairs; the scalar tail reads the caller's x.
         int pairElements = 2 * TOps.Count;
@@ -122,6 +113,16 @@ internal static unsafe class Gemv
 
         KernelThreading.For(chunks, chunks > 1, new Chunks<TOps, TVec, TPairs>(problem, xPaired, groups, chunks));
         GC.KeepAlive(permuted);
+    }
+
+    /// <summary>Work items for a matrix of <paramref name="weightBytes"/> in <paramref name="rows"/> W rows: 1 runs on the calling thread.</summary>
+    internal static int ChunkCount(long weightBytes, int rows, int threads)
+    {
+        if (threads < 2 || weightBytes < ParallelMinBytes)
+            return 1;
+        long byBytes = Math.Max(1, weightBytes / MinChunkBytes);
+        int groups = (rows + GroupRows - 1) / GroupRows;
+        return (int)Math.Min(Math.Min((long)threads * ChunksPerThread, byBytes), groups);
     }
 
     /// <summary>Per block of 2·count floats: the even-indexed ones, then the odd-indexed ones.</summary>

@@ -4,7 +4,7 @@ using System.Runtime.Intrinsics;
 
 namespace PaliGemma.CpuOnly.Kernels;
 
-/// <summary>Result of <see cref="MemoryBandwidth.MeasureRead"/>: read bandwidth in GB/s (10⁹ bytes per second).</summary>
+/// <summary>Result of a <see cref="MemoryBandwidth"/> probe: read bandwidth in GB/s (10⁹ bytes per second).</summary>
 public sealed record MemoryBandwidthResult(long BufferBytes, int Threads, string VectorWidth, IReadOnlyList<double> PassGBps)
 {
     public double BestGBps => PassGBps.Max();
@@ -88,6 +88,12 @@ public static class MemoryBandwidth
         if (threads == 0) threads = KernelThreading.MaxThreads;
         threads = (int)Math.Min(threads, total / Unit);
 
+        return Measure(Split(regions, total, threads), total, passes, fill: false);
+    }
+
+    /// <summary>Cuts the regions, read as one sequence of <paramref name="total"/> bytes, into <paramref name="threads"/> contiguous shares.</summary>
+    internal static MemoryRegion[][] Split(IReadOnlyList<MemoryRegion> regions, long total, int threads)
+    {
         var slices = new MemoryRegion[threads][];
         int region = 0;
         long offset = 0;   // within regions[region]
@@ -110,7 +116,7 @@ public static class MemoryBandwidth
             }
             slices[t] = [.. pieces];
         }
-        return Measure(slices, total, passes, fill: false);
+        return slices;
     }
 
     private static unsafe MemoryBandwidthResult Measure(MemoryRegion[][] slices, long totalBytes, int passes, bool fill)

@@ -134,12 +134,9 @@ public static class BenchCommand
             Progress(string.Create(CultureInfo.InvariantCulture, $"memory read {probe.MedianGBps:F1} GB/s median, {probe.BestGBps:F1} GB/s best"));
             // The same probe over the weights decode streams, read where they are (the mapped checkpoint, private copies).
             var regions = model.Decoder.DecodeWeightRegions();
-            if (regions.Sum(r => r.Length) >= 1 << 20)
-            {
-                Progress($"mapped read probe: the {regions.Count} weight matrices decode streams, in place");
-                mappedProbe = MemoryBandwidth.MeasureRead(regions);
-                Progress(string.Create(CultureInfo.InvariantCulture, $"mapped read {mappedProbe.MedianGBps:F1} GB/s median, {mappedProbe.BestGBps:F1} GB/s best"));
-            }
+            Progress($"mapped read probe: the {regions.Count} weight matrices decode streams, in place");
+            mappedProbe = MemoryBandwidth.MeasureRead(regions);
+            Progress(string.Create(CultureInfo.InvariantCulture, $"mapped read {mappedProbe.MedianGBps:F1} GB/s median, {mappedProbe.BestGBps:F1} GB/s best"));
         }
 
         double? loadAverageEnd = ProcessStats.LoadAverage();

@@ -32,24 +32,25 @@ public sealed unsafe class GemvTests
     public void Multiply_matches_double_reference(GemvCase c) =>
         Check(c.Rows, c.K, c.N, c.DType, c.Bias, c.SoftCap, c.Width, c.Seed);
 
-    // Large enough to be cut into chunks for the worker pool (rows of each chunk a multiple of four, the last group
-    // short), with K tails after the paired vectors and prefetches that run past the end of the matrix; one x row longer
-    // than 4096 takes the four-row kernel instead of the single stream.
+    // Large enough (2 MB and more) to be cut into chunks for the worker pool (rows of each chunk a multiple of four, the
+    // last group short), with K tails after the paired vectors and prefetches that run past the end of the matrix; one
+    // x row longer than 4096 takes the four-row kernel instead of the single stream.
     [Theory]
-    [InlineData(1, 2100, 131, DType.BF16)]
-    [InlineData(2, 1037, 258, DType.F32)]
-    [InlineData(3, 333, 517, DType.F16)]
-    [InlineData(4, 4099, 67, DType.BF16)]
-    [InlineData(1, 64, 4001, DType.BF16)]
-    [InlineData(1, 4099, 67, DType.BF16)]
-    [InlineData(1, 5000, 9, DType.F16)]
+    [InlineData(1, 2100, 517, DType.BF16)]
+    [InlineData(2, 1037, 520, DType.F32)]
+    [InlineData(3, 333, 3203, DType.F16)]
+    [InlineData(4, 4099, 263, DType.BF16)]
+    [InlineData(1, 64, 16411, DType.BF16)]
+    [InlineData(1, 4099, 259, DType.BF16)]
+    [InlineData(1, 5000, 211, DType.F16)]
     [InlineData(1, 4160, 130, DType.F32)]
     public void Multiply_matches_reference_when_split_over_threads(int rows, int k, int n, DType dtype)
     {
         int before = KernelThreading.MaxThreads;
-        KernelThreading.MaxThreads = Math.Max(2, Environment.ProcessorCount);
+        KernelThreading.MaxThreads = 2;
         try
         {
+            Assert.True(Gemv.ChunkCount((long)n * k * dtype.SizeOf(), n, 2) > 1, "the shape should be split over threads");
             Check(rows, k, n, dtype, bias: true, softCap: 0f, width: null, seed: rows * 31 + k);
             Check(rows, k, n, dtype, bias: false, softCap: 5f, width: null, seed: rows * 37 + n);
         }
@@ -57,6 +58,15 @@ public sealed unsafe class GemvTests
         {
             KernelThreading.MaxThreads = before;
         }
+    }
+
+    [Fact]
+    public void Small_matrices_stay_on_the_calling_thread()
+    {
+        Assert.Equal(1, Gemv.ChunkCount(256L * 2048 * 2, 256, 2));        // Gemma's k/v projection, 1 MB
+        Assert.True(Gemv.ChunkCount(2048L * 2048 * 2, 2048, 2) > 1);      // q/o, 8 MB
+        Assert.Equal(1, Gemv.ChunkCount(2048L * 2048 * 2, 2048, 1));      // one thread allowed
+        Assert.InRange(Gemv.ChunkCount(16384L * 2048 * 2, 16384, 2), 2, 16384 / 4);
     }
 
     [Fact]
