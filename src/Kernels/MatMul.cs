@@ -67,6 +67,7 @@ public static unsafe class MatMul
     /// <summary>As the public overload, with the vector width chosen by the caller (tests run every width).</summary>
     internal static void Multiply(ReadOnlySpan<float> x, int rows, in WeightMatrix w, ReadOnlySpan<float> bias, Span<float> y, SimdWidth width, float outputSoftCap = 0f)
     {
+        if (rows is > 0 and <= Gemv.MaxRows) { Gemv.Multiply(x, rows, w, bias, y, width, outputSoftCap); return; }
         if (w.Data == null)
             throw new ArgumentException("the weight matrix is uninitialised (default WeightMatrix)", nameof(w));
         ArgumentOutOfRangeException.ThrowIfNegative(rows);

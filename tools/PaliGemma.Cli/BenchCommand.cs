@@ -20,13 +20,15 @@ namespace PaliGemma.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    private static readonly HashSet<string> Flags = ["json", "quiet", "merge-adapter", "compare-merged"];
+    private static readonly HashSet<string> Flags = ["json", "quiet", "merge-adapter", "compare-merged", "profile"];
 
     private sealed class RunTimings
     {
         public double PreprocessSeconds, VisionSeconds, PrefillSeconds;
         public List<double> DecodeStepSeconds = [];
         public long AllocatedBytes, AllocatedBytesThisThread;
+        public int ProfiledSteps;
+        public double ProfiledSeconds;
         public double DecodeSeconds => DecodeStepSeconds.Sum();
     }
 
@@ -51,7 +53,7 @@ public static class BenchCommand
         string? adapterDir = a.Optional("adapter");
         bool mergeAdapter = a.Flag("merge-adapter");
         bool compareMerged = a.Flag("compare-merged");
-        bool json = a.Flag("json"), quiet = a.Flag("quiet");
+        bool json = a.Flag("json"), quiet = a.Flag("quiet"), profile = a.Flag("profile");
         a.RejectUnknown();
         if (mergeAdapter && adapterDir is null) throw new UsageException("--merge-adapter needs --adapter DIR");
         if (compareMerged && (adapterDir is null || mergeAdapter)) throw new UsageException("--compare-merged needs --adapter DIR at run time (without --merge-adapter)");
@@ -67,13 +69,15 @@ public static class BenchCommand
             Progress(string.Create(CultureInfo.InvariantCulture, $"note: load average {loadAverageStart:F1} on {Environment.ProcessorCount} cores; other work competes for the CPUs"));
         Progress(adapterDir is null ? $"loading {modelDir}" : $"loading {modelDir} with {adapterDir} {(mergeAdapter ? "merged at load" : "at run time")}");
         long? rssBeforeLoad = ProcessStats.ResidentBytes();
+        // --profile runs the model on a backend that times each operation of the decode steps.
+        var profiler = profile ? new ProfilingBackend(CliBackend.Current ?? PaliGemma.CpuOnly.Kernels.Backends.CpuBackend.Instance) : null;
         using var model = PaliGemmaModel.Load(modelDir, new PaliGemmaLoadOptions
         {
             TokenizerPath = tokenizerPath,
             QuantizeTo = quantizeTo,
             QuantizeScales = quantizeScales,
             MergeAdapterDirectory = mergeAdapter ? adapterDir : null,
-            Backend = CliBackend.Current,
+            Backend = (PaliGemma.CpuOnly.Kernels.Backends.IComputeBackend?)profiler ?? CliBackend.Current,
         });
         double loadSeconds = model.LoadTime.TotalSeconds;
         long weightBytesPerToken = model.Quantization is null
@@ -101,7 +105,8 @@ public static class BenchCommand
         for (int r = 0; r < warmup + runs; r++)
         {
             string label = r < warmup ? $"warm-up {r + 1}/{warmup}" : $"run {r - warmup + 1}/{runs}";
-            var timings = RunOnce(model, runtimeAdapter, imagePath, prompt, newTokens, out promptTokens, message => Progress($"{label}: {message}"));
+            var timings = RunOnce(model, runtimeAdapter, imagePath, prompt, newTokens, out promptTokens, message => Progress($"{label}: {message}"),
+                r >= warmup ? profiler : null);
             if (r >= warmup) results.Add(timings);
         }
         long? peakRss = ProcessStats.PeakResidentBytes();
@@ -116,12 +121,24 @@ public static class BenchCommand
                 $"interleaved: run time {interleaved.RuntimeMedianStepSeconds * 1000:F1} ms/token, merged {interleaved.MergedMedianStepSeconds * 1000:F1}, base {interleaved.BaseMedianStepSeconds * 1000:F1} (medians of {interleaved.Steps} steps each), run time / merged {interleaved.Ratio:F3}"));
         }
 
-        MemoryBandwidthResult? probe = null;
+        DecodeProfile? decodeProfile = null;
+        if (profiler is not null)
+        {
+            Progress("profile: timing the LM head alone");
+            decodeProfile = DecodeProfile.Of(profiler, model, results.Sum(x => x.ProfiledSteps), results.Sum(x => x.ProfiledSeconds));
+        }
+
+        MemoryBandwidthResult? probe = null, mappedProbe = null;
         if (probeMb > 0)
         {
             Progress($"memory read probe: {probeMb} MB on {KernelThreading.MaxThreads} threads");
             probe = MemoryBandwidth.MeasureRead((long)probeMb << 20);
             Progress(string.Create(CultureInfo.InvariantCulture, $"memory read {probe.MedianGBps:F1} GB/s median, {probe.BestGBps:F1} GB/s best"));
+            // The same probe over the weights decode streams, read where they are (the mapped checkpoint, private copies).
+            var regions = model.Decoder.DecodeWeightRegions();
+            Progress($"mapped read probe: the {regions.Count} weight matrices decode streams, in place");
+            mappedProbe = MemoryBandwidth.MeasureRead(regions);
+            Progress(string.Create(CultureInfo.InvariantCulture, $"mapped read {mappedProbe.MedianGBps:F1} GB/s median, {mappedProbe.BestGBps:F1} GB/s best"));
         }
 
         double? loadAverageEnd = ProcessStats.LoadAverage();
@@ -205,6 +222,18 @@ public static class BenchCommand
                 {
                     w.WriteNull("memory_read_gb_per_s");
                 }
+                if (mappedProbe is not null)
+                {
+                    w.WriteNumber("mapped_read_gb_per_s", Round(mappedProbe.MedianGBps));
+                    w.WriteNumber("mapped_read_gb_per_s_best", Round(mappedProbe.BestGBps));
+                    w.WriteNumber("mapped_read_bytes", mappedProbe.BufferBytes);
+                    w.WriteNumber("decode_fraction_of_mapped_read", Round(decodeGBps / mappedProbe.MedianGBps));
+                }
+                else
+                {
+                    w.WriteNull("mapped_read_gb_per_s");
+                }
+                decodeProfile?.WriteJson(w);
                 if (peakRss is long rss) w.WriteNumber("peak_rss_bytes", rss);
                 else w.WriteNull("peak_rss_bytes");
                 w.WriteNumber("allocated_bytes_per_decode_token", Math.Round(allocatedPerToken));
@@ -250,7 +279,9 @@ public static class BenchCommand
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"prefill     {prefill * 1000,10:F1} ms  {promptTokens} tokens, {promptTokens / prefill:F1} tokens/s"));
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"decode      {decodePerToken * 1000,10:F1} ms/token  {decodeTokensPerSecond:F2} tokens/s, {decodeGBps:F1} GB/s of weights ({weightBytesPerToken / 1e9:F2} GB/token)"));
             if (probe is not null)
-                o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"memory read {probe.MedianGBps,10:F1} GB/s  (decode reaches {100 * decodeGBps / probe.MedianGBps:F0}%)"));
+                o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"memory read {probe.MedianGBps,10:F1} GB/s  (decode reaches {100 * decodeGBps / probe.MedianGBps:F0}%; {probe.BufferBytes >> 20} MB of fresh anonymous memory)"));
+            if (mappedProbe is not null)
+                o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"mapped read {mappedProbe.MedianGBps,10:F1} GB/s  (decode reaches {100 * decodeGBps / mappedProbe.MedianGBps:F0}%; the {mappedProbe.BufferBytes / 1e9:F2} GB of weights decode streams, read in place)"));
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"peak RSS    {(peakRss is long p ? $"{p / 1e9:F2} GB" : "n/a"),10}"));
             if (adapterStats is { } adapter)
             {
@@ -266,11 +297,13 @@ public static class BenchCommand
             if (interleaved is not null)
                 o.WriteLine(string.Create(CultureInfo.InvariantCulture,
                     $"interleaved {interleaved.RuntimeMedianStepSeconds * 1000,10:F1} ms/token run time, {interleaved.MergedMedianStepSeconds * 1000:F1} merged, {interleaved.BaseMedianStepSeconds * 1000:F1} base ({interleaved.Steps} steps each): run time / merged {interleaved.Ratio:F3}"));
+            decodeProfile?.WriteText(o);
         }
         return 0;
     }
 
-    private static RunTimings RunOnce(PaliGemmaModel model, LoraAdapter? adapter, string? imagePath, string prompt, int newTokens, out int promptTokens, Action<string> progress)
+    private static RunTimings RunOnce(PaliGemmaModel model, LoraAdapter? adapter, string? imagePath, string prompt, int newTokens, out int promptTokens, Action<string> progress,
+        ProfilingBackend? profiler = null)
     {
         var t = new RunTimings();
         var clock = Stopwatch.StartNew();
@@ -305,11 +338,20 @@ public static class BenchCommand
                 allocatedBefore = GC.GetTotalAllocatedBytes(precise: true);
                 threadBefore = GC.GetAllocatedBytesForCurrentThread();
             }
+            // The profile leaves out the first step of a run, as the allocation count does.
+            if (profiler is not null) profiler.Recording = step >= 2;
             stepClock.Restart();
             session.Decode(next, logits);
             next[0] = TensorPrimitives.IndexOfMax(logits);
-            t.DecodeStepSeconds.Add(stepClock.Elapsed.TotalSeconds);
+            double seconds = stepClock.Elapsed.TotalSeconds;
+            t.DecodeStepSeconds.Add(seconds);
+            if (profiler is { Recording: true })
+            {
+                t.ProfiledSteps++;
+                t.ProfiledSeconds += seconds;
+            }
         }
+        if (profiler is not null) profiler.Recording = false;
         if (newTokens > 2)
         {
             t.AllocatedBytesThisThread = GC.GetAllocatedBytesForCurrentThread() - threadBefore;

@@ -21,7 +21,7 @@ public static class Program
           paligemma serve    --model DIR [--urls http://127.0.0.1:8080] [--max-concurrency N] [--max-queue Q] [--max-request-bytes B] [--vae FILE] [--shutdown-timeout S] [--quiet]
           paligemma synth-adapter --model DIR --out DIR [--rank 8] [--alpha 16] [--targets q_proj,k_proj,...] [--seed N] [--dtype f32|bf16|f16] [--force] [--quiet]
           paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--dtype q8|nf4]
-                             [--adapter DIR [--merge-adapter | --compare-merged]] [--json] [--quiet]
+                             [--adapter DIR [--merge-adapter | --compare-merged]] [--profile] [--json] [--quiet]
           paligemma bench --cold-start --model DIR [--binary PATH] [--runs N] [--image FILE] [--prompt TEXT] [--tokenizer FILE] [--no-first-token] [--json] [--quiet]
           paligemma quantize --model DIR --to q8|nf4 --out DIR [--quiet]
           paligemma eval-quant --model DIR --image FILE (--dtype q8|nf4 | --quantized DIR) [--prompt TEXT] [--new-tokens N] [--tokenizer FILE]
@@ -77,7 +77,8 @@ public static class Program
         select SigLIP's attention), B non-zero so that the adapter changes outputs.
         bench times preprocess, vision, prefill and decode (medians over --runs; default 3 runs, 32 new tokens, greedy,
         never stopping at <eos>), the weight GB/s decode streams, peak RSS, bytes allocated per decode token and a
-        memory read probe (--probe-mb, default 1024; 0 skips it). bench --dtype q8|nf4 quantizes at load. --adapter DIR runs
+        memory read probe (--probe-mb, default 1024; 0 skips it) plus the same probe over the mapped weights decode reads.
+        --profile adds where a decode step's time goes, per operation. bench --dtype q8|nf4 quantizes at load. --adapter DIR runs
         with a LoRA adapter at run time (or merged at load with --merge-adapter) and adds the adapter's size and the resident
         memory it added; --compare-merged also loads the merged model and alternates its decode steps with the run-time
         adapter's, for a ratio that holds on a busy machine.

@@ -1,0 +1,552 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
+using PaliGemma.CpuOnly.Kernels.Simd;
+using PaliGemma.CpuOnly.Tensors;
+
+namespace PaliGemma.CpuOnly.Kernels;
+
+/// <summary>
+/// y = x·Wᵀ + b for 1 to <see cref="MaxRows"/> x rows (decode). Every weight is used once per call, so the kernel is
+/// built to stream W at memory speed rather than to reuse it: the rows are cut into a few long contiguous runs per
+/// thread; one x row reads each run as a single sequential stream whose every line is prefetched in software a fixed
+/// distance ahead (the hardware prefetchers stop at each 4 KB page, and a 2048-wide bf16 row is exactly one page);
+/// several x rows, or one too long to stay in L1, read four W rows side by side (each x load then feeds four rows),
+/// each row's stream prefetched ahead likewise. bf16 weights are widened two vectors per 64-byte load (a shift for the
+/// even elements, a mask for the odd ones) against an x permuted once per call to match.
+/// </summary>
+internal static unsafe class Gemv
+{
+    public const int MaxRows = 4;
+    // W rows read side by side when several x rows share them (so every W load feeds 2-4 x rows and every x load 4 W rows).
+    private const int GroupRows = 4;
+    // One x row: each thread reads its W rows as one sequential stream, every line prefetched this far ahead (measured
+    // best of 2-32 KB here; a shorter lead leaves each new page to a demand miss, a longer one overruns the L1).
+    private const int StreamPrefetchBytes = 8192;
+    // Several x rows, or one too long to stay in L1 beside the stream: four W rows are read side by side, each prefetched
+    // this far ahead (8 KB in flight in all), so an x load from L2 feeds four rows instead of one.
+    private const int GroupPrefetchBytes = 2048;
+    // One x row longer than this many floats (16 KB) goes through the four-row kernel.
+    private const int StreamMaxK = 4096;
+    // Work items per thread: long contiguous runs, but enough of them that a thread the OS delays does not hold the rest up.
+    private const int ChunksPerThread = 4;
+    private const long MinChunkBytes = 64 << 10;
+    // Below this much weight one thread streams it about as fast as two (a 1 MB matrix takes ~30 µs on one core) and a
+    // fork/join only adds risk: when another process holds a core, the call waits for a descheduled worker's chunk.
+    private const long ParallelMinBytes = 2 << 20;
+
+    // The calling thread's buffer for x in the order the paired bf16 loads expect (kept: warm calls allocate nothing).
+    [ThreadStatic] private static float[]? t_permutedX;
+
+    public static void Multiply(ReadOnlySpan<float> x, int rows, in WeightMatrix w, ReadOnlySpan<float> bias, Span<float> y, SimdWidth width, float outputSoftCap)
+    {
+        if (w.Data == null)
+            throw new ArgumentException("the weight matrix is uninitialised (default WeightMatrix)", nameof(w));
+        if (rows is < 1 or > MaxRows)
+            throw new ArgumentOutOfRangeException(nameof(rows), rows, $"the GEMV takes 1 to {MaxRows} x rows");
+        int n = w.Rows, k = w.Cols;
+        MatMul.CheckOperands(x, rows, n, k, bias, y);
+        fixed (float* xp = x)
+        fixed (float* bp = bias)
+        fixed (float* yp = y)
+        {
+            var problem = new Problem(xp, (byte*)w.Data, bias.IsEmpty ? null : bp, yp, rows, n, k, outputSoftCap);
+            switch (width)
+            {
+                case SimdWidth.Vector512: Run<Simd512, Vector512<float>>(problem, w.DType); break;
+                case SimdWidth.Vector256: Run<Simd256, Vector256<float>>(problem, w.DType); break;
+                case SimdWidth.Vector128: Run<Simd128, Vector128<float>>(problem, w.DType); break;
+                default: Run<SimdScalar, float>(problem, w.DType); break;
+            }
+        }
+    }
+
+    private readonly struct Problem(float* x, byte* w, float* bias, float* y, int rows, int n, int k, float softCap)
+    {
+        public readonly float* X = x;
+        public readonly byte* W = w;
+        public readonly float* Bias = bias;
+        public readonly float* Y = y;
+        public readonly int Rows = rows;
+        public readonly int N = n;
+        public readonly int K = k;
+        public readonly float SoftCap = softCap;
+    }
+
+    private static void Run<TOps, TVec>(in Problem problem, DType dtype)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        switch (dtype)
+        {
+            case DType.F32: Run<TOps, TVec, Float32Pairs>(problem); break;
+            case DType.BF16: Run<TOps, TVec, BFloat16Pairs>(problem); break;
+            case DType.F16: Run<TOps, TVec, HalfPairs>(problem); break;
+            default: throw new ArgumentException($"weight dtype {dtype} is not supported", "w");
+        }
+    }
+
+    private static void Run<TOps, TVec, TPairs>(Problem problem)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+        where TPairs : struct, IPairReader
+    {
+        int k = problem.K;
+        int groups = (problem.N + GroupRows - 1) / GroupRows;
+        int chunks = ChunkCount((long)k * TPairs.ElementSize * problem.N, problem.N, KernelThreading.MaxThreads);
+
+        // The paired loads see x in their own order over the whole pairs; the scalar tail reads the caller's x.
+        int pairElements = 2 * TOps.Count;
+        int pairedK = k - k % pairElements;
+        float* xPaired = problem.X;
+        float[]? permuted = null;
+        if (TPairs.PermutesX && TOps.Count > 1 && pairedK > 0)
+        {
+            permuted = t_permutedX;
+            if (permuted == null || permuted.Length < problem.Rows * k)
+                t_permutedX = permuted = GC.AllocateUninitializedArray<float>(Math.Max(problem.Rows * k, 4096), pinned: true);
+            fixed (float* p = permuted)
+                xPaired = p;
+            for (int r = 0; r < problem.Rows; r++)
+                Deinterleave(problem.X + (nint)r * k, xPaired + (nint)r * k, pairedK, TOps.Count);
+        }
+
+        KernelThreading.For(chunks, chunks > 1, new Chunks<TOps, TVec, TPairs>(problem, xPaired, groups, chunks));
+        GC.KeepAlive(permuted);
+    }
+
+    /// <summary>Work items for a matrix of <paramref name="weightBytes"/> in <paramref name="rows"/> W rows: 1 runs on the calling thread.</summary>
+    internal static int ChunkCount(long weightBytes, int rows, int threads)
+    {
+        if (threads < 2 || weightBytes < ParallelMinBytes)
+            return 1;
+        long byBytes = Math.Max(1, weightBytes / MinChunkBytes);
+        int groups = (rows + GroupRows - 1) / GroupRows;
+        return (int)Math.Min(Math.Min((long)threads * ChunksPerThread, byBytes), groups);
+    }
+
+    /// <summary>Per block of 2·count floats: the even-indexed ones, then the odd-indexed ones.</summary>
+    private static void Deinterleave(float* source, float* destination, int length, int count)
+    {
+        int block = 0;
+        if (count == 16 && Avx512F.IsSupported)
+        {
+            Vector512<int> even = Vector512.Create(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            Vector512<int> odd = even + Vector512<int>.One;
+            for (; block < length; block += 32)
+            {
+                Vector512<float> low = Vector512.Load(source + block), high = Vector512.Load(source + block + 16);
+                Avx512F.PermuteVar16x32x2(low, even, high).Store(destination + block);
+                Avx512F.PermuteVar16x32x2(low, odd, high).Store(destination + block + 16);
+            }
+        }
+        else if (count == 8 && Avx512F.VL.IsSupported)
+        {
+            Vector256<int> even = Vector256.Create(0, 2, 4, 6, 8, 10, 12, 14);
+            Vector256<int> odd = even + Vector256<int>.One;
+            for (; block < length; block += 16)
+            {
+                Vector256<float> low = Vector256.Load(source + block), high = Vector256.Load(source + block + 8);
+                Avx512F.VL.PermuteVar8x32x2(low, even, high).Store(destination + block);
+                Avx512F.VL.PermuteVar8x32x2(low, odd, high).Store(destination + block + 8);
+            }
+        }
+        for (; block < length; block += 2 * count)
+        {
+            for (int j = 0; j < count; j++)
+            {
+                destination[block + j] = source[block + 2 * j];
+                destination[block + count + j] = source[block + 2 * j + 1];
+            }
+        }
+    }
+
+    private readonly struct Chunks<TOps, TVec, TPairs>(Problem problem, float* xPaired, int groups, int chunks) : IWorkItems
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+        where TPairs : struct, IPairReader
+    {
+        public void Run(int item)
+        {
+            int n0 = (int)((long)groups * item / chunks) * GroupRows;
+            int n1 = Math.Min(problem.N, (int)((long)groups * (item + 1) / chunks) * GroupRows);
+            int k = problem.K, rows = problem.Rows;
+            nint rowBytes = (nint)k * TPairs.ElementSize;
+            float* y = problem.Y, bias = problem.Bias;
+            if (rows == 1 && k <= StreamMaxK)
+            {
+                byte* w = problem.W + n0 * rowBytes;
+                // The stream's first lines, which no earlier row prefetched.
+                for (nint offset = 0; offset < StreamPrefetchBytes; offset += 64)
+                    Prefetch(w + offset);
+                for (int n = n0; n < n1; n++, w += rowBytes)
+                {
+                    float s = Dot(problem.X, xPaired, k, w);
+                    y[n] = bias == null ? s : s + bias[n];
+                }
+            }
+            else
+            {
+                float* sums = stackalloc float[MaxRows * GroupRows];
+                // Three x rows run the four-row kernel with the last row repeated (its results are dropped).
+                nint xLast = (nint)(rows == 3 ? 2 : rows - 1) * k;
+                for (int n = n0; n < n1; n += GroupRows)
+                {
+                    int valid = Math.Min(GroupRows, n1 - n);
+                    byte* w0 = problem.W + n * rowBytes;
+                    // A short last group repeats its last row; the repeats are read from cache and their sums dropped.
+                    nint step1 = valid > 1 ? rowBytes : 0, step2 = valid > 2 ? 2 * rowBytes : step1, step3 = valid > 3 ? 3 * rowBytes : step2;
+                    var group = new Group(w0, w0 + step1, w0 + step2, w0 + step3, rowBytes);
+                    if (rows == 1)
+                        Dot1x4(problem.X, xPaired, k, group, sums);
+                    else if (rows == 2)
+                        Dot2(problem.X, xPaired, k, group, sums);
+                    else
+                        Dot4(problem.X, xPaired, k, xLast, group, sums);
+                    for (int r = 0; r < rows; r++)
+                    {
+                        float* yRow = y + (nint)r * problem.N + n;
+                        for (int c = 0; c < valid; c++)
+                            yRow[c] = bias == null ? sums[r * GroupRows + c] : sums[r * GroupRows + c] + bias[n + c];
+                    }
+                }
+            }
+            if (problem.SoftCap > 0f)
+            {
+                for (int r = 0; r < rows; r++)
+                {
+                    var part = new Span<float>(y + (nint)r * problem.N + n0, n1 - n0);
+                    Activations.SoftCap(part, part, problem.SoftCap);
+                }
+            }
+        }
+
+        private readonly struct Group(byte* w0, byte* w1, byte* w2, byte* w3, nint rowBytes)
+        {
+            public readonly byte* W0 = w0, W1 = w1, W2 = w2, W3 = w3;
+            public readonly nint RowBytes = rowBytes;
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void Prefetch(byte* p)
+        {
+            if (Sse.IsSupported)
+                Sse.Prefetch0(p);
+        }
+
+        /// <summary>Prefetches the line <paramref name="ahead"/> bytes past each row's current position.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void PrefetchGroup(byte* w0, byte* w1, byte* w2, byte* w3, nint ahead)
+        {
+            Prefetch(w0 + ahead);
+            Prefetch(w1 + ahead);
+            Prefetch(w2 + ahead);
+            Prefetch(w3 + ahead);
+            if (TOps.Count * 2 * TPairs.ElementSize > 64)
+            {
+                Prefetch(w0 + ahead + 64);
+                Prefetch(w1 + ahead + 64);
+                Prefetch(w2 + ahead + 64);
+                Prefetch(w3 + ahead + 64);
+            }
+        }
+
+        // Offsets (in elements) where each row's prefetch position leaves the row: from there on it runs through the
+        // same row of the next group, three rows further on, so every stream keeps the same lead across groups.
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static nint PrefetchSplit(int pairedK, nint rowBytes) =>
+            Math.Clamp((rowBytes - GroupPrefetchBytes) / TPairs.ElementSize, 0, pairedK);
+
+        /// <summary>One x row against one W row; the W stream is prefetched <see cref="StreamPrefetchBytes"/> ahead, into the rows that follow.</summary>
+        private static float Dot(float* x, float* xp, int k, byte* w)
+        {
+            int pair = 2 * TOps.Count;
+            int pairedK = k - k % pair;
+            int blockBytes = 4 * pair * TPairs.ElementSize;
+            TVec e0 = TOps.Zero, e1 = TOps.Zero, e2 = TOps.Zero, e3 = TOps.Zero;
+            TVec o0 = TOps.Zero, o1 = TOps.Zero, o2 = TOps.Zero, o3 = TOps.Zero;
+            nint i = 0;
+            byte* ahead = w + StreamPrefetchBytes;
+            for (; i + 4 * pair <= pairedK; i += 4 * pair)
+            {
+                // One prefetch per 64-byte line of the block (a block is 64-512 bytes, depending on width and format).
+                byte* p = ahead + i * TPairs.ElementSize;
+                Prefetch(p);
+                if (blockBytes > 64) Prefetch(p + 64);
+                if (blockBytes > 128) { Prefetch(p + 128); Prefetch(p + 192); }
+                if (blockBytes > 256) { Prefetch(p + 256); Prefetch(p + 320); Prefetch(p + 384); Prefetch(p + 448); }
+                TPairs.Load<TOps, TVec>(w, i, out TVec v, out TVec u);
+                e0 = TOps.MultiplyAdd(TOps.Load(xp + i), v, e0);
+                o0 = TOps.MultiplyAdd(TOps.Load(xp + i + TOps.Count), u, o0);
+                TPairs.Load<TOps, TVec>(w, i + pair, out v, out u);
+                e1 = TOps.MultiplyAdd(TOps.Load(xp + i + pair), v, e1);
+                o1 = TOps.MultiplyAdd(TOps.Load(xp + i + pair + TOps.Count), u, o1);
+                TPairs.Load<TOps, TVec>(w, i + 2 * pair, out v, out u);
+                e2 = TOps.MultiplyAdd(TOps.Load(xp + i + 2 * pair), v, e2);
+                o2 = TOps.MultiplyAdd(TOps.Load(xp + i + 2 * pair + TOps.Count), u, o2);
+                TPairs.Load<TOps, TVec>(w, i + 3 * pair, out v, out u);
+                e3 = TOps.MultiplyAdd(TOps.Load(xp + i + 3 * pair), v, e3);
+                o3 = TOps.MultiplyAdd(TOps.Load(xp + i + 3 * pair + TOps.Count), u, o3);
+            }
+            for (; i < pairedK; i += pair)
+            {
+                TPairs.Load<TOps, TVec>(w, i, out TVec v, out TVec u);
+                e0 = TOps.MultiplyAdd(TOps.Load(xp + i), v, e0);
+                o0 = TOps.MultiplyAdd(TOps.Load(xp + i + TOps.Count), u, o0);
+            }
+            float s = TOps.Sum(TOps.Add(TOps.Add(TOps.Add(e0, e1), TOps.Add(e2, e3)), TOps.Add(TOps.Add(o0, o1), TOps.Add(o2, o3))));
+            for (; i < k; i++)
+                s += x[i] * TPairs.LoadScalar(w, i);
+            return s;
+        }
+
+        private static void Dot1x4(float* x, float* xp, int k, in Group g, float* sums)
+        {
+            int pair = 2 * TOps.Count;
+            int pairedK = k - k % pair;
+            byte* w0 = g.W0, w1 = g.W1, w2 = g.W2, w3 = g.W3;
+            nint rowBytes = g.RowBytes;
+            TVec e0 = TOps.Zero, e1 = TOps.Zero, e2 = TOps.Zero, e3 = TOps.Zero;
+            TVec o0 = TOps.Zero, o1 = TOps.Zero, o2 = TOps.Zero, o3 = TOps.Zero;
+            nint i = 0;
+            nint split = PrefetchSplit(pairedK, rowBytes);
+            nint ahead = GroupPrefetchBytes;
+            for (int phase = 0; phase < 2; phase++)
+            {
+                nint end = phase == 0 ? split : pairedK;
+                for (; i < end; i += pair)
+                {
+                    PrefetchGroup(w0, w1, w2, w3, ahead + i * TPairs.ElementSize);
+                    TVec xe = TOps.Load(xp + i), xo = TOps.Load(xp + i + TOps.Count);
+                    TPairs.Load<TOps, TVec>(w0, i, out TVec v, out TVec u);
+                    e0 = TOps.MultiplyAdd(xe, v, e0);
+                    o0 = TOps.MultiplyAdd(xo, u, o0);
+                    TPairs.Load<TOps, TVec>(w1, i, out v, out u);
+                    e1 = TOps.MultiplyAdd(xe, v, e1);
+                    o1 = TOps.MultiplyAdd(xo, u, o1);
+                    TPairs.Load<TOps, TVec>(w2, i, out v, out u);
+                    e2 = TOps.MultiplyAdd(xe, v, e2);
+                    o2 = TOps.MultiplyAdd(xo, u, o2);
+                    TPairs.Load<TOps, TVec>(w3, i, out v, out u);
+                    e3 = TOps.MultiplyAdd(xe, v, e3);
+                    o3 = TOps.MultiplyAdd(xo, u, o3);
+                }
+                ahead += 3 * rowBytes;
+            }
+            float s0 = TOps.Sum(TOps.Add(e0, o0)), s1 = TOps.Sum(TOps.Add(e1, o1));
+            float s2 = TOps.Sum(TOps.Add(e2, o2)), s3 = TOps.Sum(TOps.Add(e3, o3));
+            for (; i < k; i++)
+            {
+                float a = x[i];
+                s0 += a * TPairs.LoadScalar(w0, i);
+                s1 += a * TPairs.LoadScalar(w1, i);
+                s2 += a * TPairs.LoadScalar(w2, i);
+                s3 += a * TPairs.LoadScalar(w3, i);
+            }
+            sums[0] = s0; sums[1] = s1; sums[2] = s2; sums[3] = s3;
+        }
+
+        private static void Dot2(float* x, float* xp, int k, in Group g, float* sums)
+        {
+            int pair = 2 * TOps.Count;
+            int pairedK = k - k % pair;
+            float* xp1 = xp + k;
+            TVec a0 = TOps.Zero, a1 = TOps.Zero, a2 = TOps.Zero, a3 = TOps.Zero;
+            TVec b0 = TOps.Zero, b1 = TOps.Zero, b2 = TOps.Zero, b3 = TOps.Zero;
+            byte* w0 = g.W0, w1 = g.W1, w2 = g.W2, w3 = g.W3;
+            nint rowBytes = g.RowBytes;
+            nint i = 0;
+            nint split = PrefetchSplit(pairedK, rowBytes);
+            nint ahead = GroupPrefetchBytes;
+            for (int phase = 0; phase < 2; phase++)
+            {
+                nint end = phase == 0 ? split : pairedK;
+                for (; i < end; i += pair)
+                {
+                    PrefetchGroup(w0, w1, w2, w3, ahead + i * TPairs.ElementSize);
+                    TVec xe = TOps.Load(xp + i), xo = TOps.Load(xp + i + TOps.Count);
+                    TVec ye = TOps.Load(xp1 + i), yo = TOps.Load(xp1 + i + TOps.Count);
+                    TPairs.Load<TOps, TVec>(w0, i, out TVec v, out TVec u);
+                    a0 = TOps.MultiplyAdd(xe, v, a0); a0 = TOps.MultiplyAdd(xo, u, a0); b0 = TOps.MultiplyAdd(ye, v, b0); b0 = TOps.MultiplyAdd(yo, u, b0);
+                    TPairs.Load<TOps, TVec>(w1, i, out v, out u);
+                    a1 = TOps.MultiplyAdd(xe, v, a1); a1 = TOps.MultiplyAdd(xo, u, a1); b1 = TOps.MultiplyAdd(ye, v, b1); b1 = TOps.MultiplyAdd(yo, u, b1);
+                    TPairs.Load<TOps, TVec>(w2, i, out v, out u);
+                    a2 = TOps.MultiplyAdd(xe, v, a2); a2 = TOps.MultiplyAdd(xo, u, a2); b2 = TOps.MultiplyAdd(ye, v, b2); b2 = TOps.MultiplyAdd(yo, u, b2);
+                    TPairs.Load<TOps, TVec>(w3, i, out v, out u);
+                    a3 = TOps.MultiplyAdd(xe, v, a3); a3 = TOps.MultiplyAdd(xo, u, a3); b3 = TOps.MultiplyAdd(ye, v, b3); b3 = TOps.MultiplyAdd(yo, u, b3);
+                }
+                ahead += 3 * rowBytes;
+            }
+            float s0 = TOps.Sum(a0), s1 = TOps.Sum(a1), s2 = TOps.Sum(a2), s3 = TOps.Sum(a3);
+            float t0 = TOps.Sum(b0), t1 = TOps.Sum(b1), t2 = TOps.Sum(b2), t3 = TOps.Sum(b3);
+            float* x1 = x + k;
+            for (; i < k; i++)
+            {
+                float c0 = TPairs.LoadScalar(w0, i), c1 = TPairs.LoadScalar(w1, i), c2 = TPairs.LoadScalar(w2, i), c3 = TPairs.LoadScalar(w3, i);
+                float a = x[i], b = x1[i];
+                s0 += a * c0; s1 += a * c1; s2 += a * c2; s3 += a * c3;
+                t0 += b * c0; t1 += b * c1; t2 += b * c2; t3 += b * c3;
+            }
+            sums[0] = s0; sums[1] = s1; sums[2] = s2; sums[3] = s3;
+            sums[4] = t0; sums[5] = t1; sums[6] = t2; sums[7] = t3;
+        }
+
+        private static void Dot4(float* x, float* xp, int k, nint lastRowOffset, in Group g, float* sums)
+        {
+            int pair = 2 * TOps.Count;
+            int pairedK = k - k % pair;
+            float* xp1 = xp + k, xp2 = xp + 2 * (nint)k, xp3 = xp + lastRowOffset;
+            TVec a00 = TOps.Zero, a01 = TOps.Zero, a02 = TOps.Zero, a03 = TOps.Zero;
+            TVec a10 = TOps.Zero, a11 = TOps.Zero, a12 = TOps.Zero, a13 = TOps.Zero;
+            TVec a20 = TOps.Zero, a21 = TOps.Zero, a22 = TOps.Zero, a23 = TOps.Zero;
+            TVec a30 = TOps.Zero, a31 = TOps.Zero, a32 = TOps.Zero, a33 = TOps.Zero;
+            byte* w0 = g.W0, w1 = g.W1, w2 = g.W2, w3 = g.W3;
+            nint rowBytes = g.RowBytes;
+            nint i = 0;
+            nint split = PrefetchSplit(pairedK, rowBytes);
+            nint ahead = GroupPrefetchBytes;
+            for (int phase = 0; phase < 2; phase++)
+            {
+                nint end = phase == 0 ? split : pairedK;
+                for (; i < end; i += pair)
+                {
+                    PrefetchGroup(w0, w1, w2, w3, ahead + i * TPairs.ElementSize);
+                    TPairs.Load<TOps, TVec>(w0, i, out TVec v0, out TVec u0);
+                    TPairs.Load<TOps, TVec>(w1, i, out TVec v1, out TVec u1);
+                    TPairs.Load<TOps, TVec>(w2, i, out TVec v2, out TVec u2);
+                    TPairs.Load<TOps, TVec>(w3, i, out TVec v3, out TVec u3);
+                    TVec xe = TOps.Load(xp + i), xo = TOps.Load(xp + i + TOps.Count);
+                    a00 = TOps.MultiplyAdd(xe, v0, a00); a00 = TOps.MultiplyAdd(xo, u0, a00); a01 = TOps.MultiplyAdd(xe, v1, a01); a01 = TOps.MultiplyAdd(xo, u1, a01);
+                    a02 = TOps.MultiplyAdd(xe, v2, a02); a02 = TOps.MultiplyAdd(xo, u2, a02); a03 = TOps.MultiplyAdd(xe, v3, a03); a03 = TOps.MultiplyAdd(xo, u3, a03);
+                    xe = TOps.Load(xp1 + i); xo = TOps.Load(xp1 + i + TOps.Count);
+                    a10 = TOps.MultiplyAdd(xe, v0, a10); a10 = TOps.MultiplyAdd(xo, u0, a10); a11 = TOps.MultiplyAdd(xe, v1, a11); a11 = TOps.MultiplyAdd(xo, u1, a11);
+                    a12 = TOps.MultiplyAdd(xe, v2, a12); a12 = TOps.MultiplyAdd(xo, u2, a12); a13 = TOps.MultiplyAdd(xe, v3, a13); a13 = TOps.MultiplyAdd(xo, u3, a13);
+                    xe = TOps.Load(xp2 + i); xo = TOps.Load(xp2 + i + TOps.Count);
+                    a20 = TOps.MultiplyAdd(xe, v0, a20); a20 = TOps.MultiplyAdd(xo, u0, a20); a21 = TOps.MultiplyAdd(xe, v1, a21); a21 = TOps.MultiplyAdd(xo, u1, a21);
+                    a22 = TOps.MultiplyAdd(xe, v2, a22); a22 = TOps.MultiplyAdd(xo, u2, a22); a23 = TOps.MultiplyAdd(xe, v3, a23); a23 = TOps.MultiplyAdd(xo, u3, a23);
+                    xe = TOps.Load(xp3 + i); xo = TOps.Load(xp3 + i + TOps.Count);
+                    a30 = TOps.MultiplyAdd(xe, v0, a30); a30 = TOps.MultiplyAdd(xo, u0, a30); a31 = TOps.MultiplyAdd(xe, v1, a31); a31 = TOps.MultiplyAdd(xo, u1, a31);
+                    a32 = TOps.MultiplyAdd(xe, v2, a32); a32 = TOps.MultiplyAdd(xo, u2, a32); a33 = TOps.MultiplyAdd(xe, v3, a33); a33 = TOps.MultiplyAdd(xo, u3, a33);
+                }
+                ahead += 3 * rowBytes;
+            }
+            sums[0] = TOps.Sum(a00); sums[1] = TOps.Sum(a01); sums[2] = TOps.Sum(a02); sums[3] = TOps.Sum(a03);
+            sums[4] = TOps.Sum(a10); sums[5] = TOps.Sum(a11); sums[6] = TOps.Sum(a12); sums[7] = TOps.Sum(a13);
+            sums[8] = TOps.Sum(a20); sums[9] = TOps.Sum(a21); sums[10] = TOps.Sum(a22); sums[11] = TOps.Sum(a23);
+            sums[12] = TOps.Sum(a30); sums[13] = TOps.Sum(a31); sums[14] = TOps.Sum(a32); sums[15] = TOps.Sum(a33);
+            float* x1 = x + k, x2 = x1 + k, x3 = x + lastRowOffset;
+            for (; i < k; i++)
+            {
+                float c0 = TPairs.LoadScalar(w0, i), c1 = TPairs.LoadScalar(w1, i), c2 = TPairs.LoadScalar(w2, i), c3 = TPairs.LoadScalar(w3, i);
+                float u0 = x[i], u1 = x1[i], u2 = x2[i], u3 = x3[i];
+                sums[0] += u0 * c0; sums[1] += u0 * c1; sums[2] += u0 * c2; sums[3] += u0 * c3;
+                sums[4] += u1 * c0; sums[5] += u1 * c1; sums[6] += u1 * c2; sums[7] += u1 * c3;
+                sums[8] += u2 * c0; sums[9] += u2 * c1; sums[10] += u2 * c2; sums[11] += u2 * c3;
+                sums[12] += u3 * c0; sums[13] += u3 * c1; sums[14] += u3 * c2; sums[15] += u3 * c3;
+            }
+        }
+    }
+}
+
+/// <summary>
+/// Reads 2·Count consecutive weights of one storage type as two float vectors. For bf16 the pair comes from one load:
+/// each 32-bit lane holds two bf16 values, and a shift (even element) and a mask (odd element) widen both, so the x
+/// vectors must hold the even-indexed and the odd-indexed elements of the pair (<see cref="PermutesX"/>).
+/// </summary>
+internal unsafe interface IPairReader
+{
+    static abstract int ElementSize { get; }
+
+    /// <summary>True: "first" holds elements index+2j and "second" index+2j+1; false: index+j and index+Count+j.</summary>
+    static abstract bool PermutesX { get; }
+
+    static abstract void Load<TOps, TVec>(byte* row, nint index, out TVec first, out TVec second)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged;
+
+    static abstract float LoadScalar(byte* row, nint index);
+}
+
+internal readonly unsafe struct Float32Pairs : IPairReader
+{
+    public static int ElementSize => sizeof(float);
+    public static bool PermutesX => false;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Load<TOps, TVec>(byte* row, nint index, out TVec first, out TVec second)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        first = TOps.Load((float*)row + index);
+        second = TOps.Load((float*)row + index + TOps.Count);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float LoadScalar(byte* row, nint index) => ((float*)row)[index];
+}
+
+internal readonly unsafe struct HalfPairs : IPairReader
+{
+    public static int ElementSize => sizeof(ushort);
+    public static bool PermutesX => false;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Load<TOps, TVec>(byte* row, nint index, out TVec first, out TVec second)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        first = TOps.LoadHalf((ushort*)row + index);
+        second = TOps.LoadHalf((ushort*)row + index + TOps.Count);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float LoadScalar(byte* row, nint index) => HalfBits.ToSingle(((ushort*)row)[index]);
+}
+
+internal readonly unsafe struct BFloat16Pairs : IPairReader
+{
+    public static int ElementSize => sizeof(ushort);
+    public static bool PermutesX => true;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Load<TOps, TVec>(byte* row, nint index, out TVec first, out TVec second)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        ushort* p = (ushort*)row + index;
+        // Little-endian: lane j holds element 2j in its low half and element 2j+1 in its high half.
+        if (typeof(TVec) == typeof(Vector512<float>))
+        {
+            Vector512<uint> lanes = Vector512.Load((uint*)p);
+            var even = Vector512.ShiftLeft(lanes, 16).AsSingle();
+            var odd = (lanes & Vector512.Create(0xFFFF0000u)).AsSingle();
+            first = Unsafe.As<Vector512<float>, TVec>(ref even);
+            second = Unsafe.As<Vector512<float>, TVec>(ref odd);
+        }
+        else if (typeof(TVec) == typeof(Vector256<float>))
+        {
+            Vector256<uint> lanes = Vector256.Load((uint*)p);
+            var even = Vector256.ShiftLeft(lanes, 16).AsSingle();
+            var odd = (lanes & Vector256.Create(0xFFFF0000u)).AsSingle();
+            first = Unsafe.As<Vector256<float>, TVec>(ref even);
+            second = Unsafe.As<Vector256<float>, TVec>(ref odd);
+        }
+        else if (typeof(TVec) == typeof(Vector128<float>))
+        {
+            Vector128<uint> lanes = Vector128.Load((uint*)p);
+            var even = Vector128.ShiftLeft(lanes, 16).AsSingle();
+            var odd = (lanes & Vector128.Create(0xFFFF0000u)).AsSingle();
+            first = Unsafe.As<Vector128<float>, TVec>(ref even);
+            second = Unsafe.As<Vector128<float>, TVec>(ref odd);
+        }
+        else
+        {
+            // One lane: the pair is elements index and index + 1, which is also x's own order.
+            first = TOps.LoadBFloat16(p);
+            second = TOps.LoadBFloat16(p + 1);
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float LoadScalar(byte* row, nint index) => BitConverter.UInt32BitsToSingle((uint)((ushort*)row)[index] << 16);
+}
