@@ -104,7 +104,7 @@ public sealed class GemmaDecoder
             if (operand is QuantizedMatrix q)
             {
                 regions.Add(new MemoryRegion((nint)q.Blocks, q.BlockByteCount));
-                regions.Add(new MemoryRegion((nint)q.Scales, q.ScaleCount * sizeof(float)));
+                regions.Add(new MemoryRegion((nint)q.ScaleData, q.ScaleByteCount));
             }
             else if (operand is WeightMatrix w)
             {
