@@ -613,6 +613,10 @@ public static unsafe class QuantMatMul
     }
 
     /// <summary>The weights dequantized a K block of a few rows at a time straight into the packed fp32 GEMM's panels.</summary>
-    private static void PanelGemm(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float softCap) =>
+    private static void PanelGemm(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float softCap)
+    {
         PackedGemm.Multiply(x, rows, new QuantizedRows(w), w.Rows, w.Cols, bias, y, softCap);
+        // The row source holds only pointers into w's storage, which must outlive the multiply.
+        GC.KeepAlive(w);
+    }
 }

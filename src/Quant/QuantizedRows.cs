@@ -7,7 +7,8 @@ namespace PaliGemma.CpuOnly.Quant;
 
 /// <summary>
 /// The rows of a <see cref="QuantizedMatrix"/>, dequantized a K block at a time straight into the packed GEMM's
-/// micro-panels (so a many-row multiply never holds an fp32 copy of more than a few of its rows).
+/// micro-panels (so a many-row multiply never holds an fp32 copy of more than a few of its rows). It holds only
+/// pointers into the matrix's storage: the caller keeps the matrix alive while the GEMM runs.
 /// </summary>
 internal readonly unsafe struct QuantizedRows(QuantizedMatrix matrix) : IWeightRows
 {
