@@ -93,6 +93,16 @@ public sealed unsafe class MatMulTests
                 MatMul.Multiply(x, rows, w, b, y);
         }
 
+        AssertMatchesReference(x, rows, k, n, decoded, b, softCap, y, $"{rows}x{k} * {n}x{k} {dtype} {width} cap {softCap}");
+    }
+
+    /// <summary>
+    /// y (rows x n, then one untouched slack row of 12345) equals x·Wᵀ + b (b empty: none), soft-capped when
+    /// <paramref name="softCap"/> &gt; 0, against a double-precision reference; shared with the GEMV tests.
+    /// </summary>
+    internal static void AssertMatchesReference(float[] x, int rows, int k, int n, double[] decoded, float[] b, float softCap, float[] y, string label)
+    {
+        bool bias = b.Length > 0;
         for (int m = 0; m < rows; m++)
         {
             for (int j = 0; j < n; j++)
@@ -107,7 +117,7 @@ public sealed unsafe class MatMulTests
                 // The cap's slope is at most 1, so the product's tolerance carries over; tanh itself adds a few ulps of the cap.
                 double expected = softCap > 0f ? softCap * Math.Tanh(sum / softCap) : sum;
                 double tolerance = 1e-5 * magnitude + 1e-30 + (softCap > 0f ? 2e-6 * softCap : 0);
-                AssertClose(expected, y[m * n + j], tolerance, $"y[{m}, {j}] ({rows}x{k} * {n}x{k} {dtype} {width} cap {softCap})");
+                AssertClose(expected, y[m * n + j], tolerance, $"y[{m}, {j}] ({label})");
             }
         }
         for (int j = rows * n; j < y.Length; j++)
