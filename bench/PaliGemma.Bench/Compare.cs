@@ -20,7 +20,7 @@ internal static class Compare
     // ORT's intra-op threads keep spinning for tens of milliseconds after Run returns (measured: a 2-thread call of ours
     // timed right after ORT's ran at about one thread's speed; 50 ms later, at full speed, and ORT's own times did not
     // change). Each side's burst starts after this pause, so neither is timed beside the other's idle spinning threads.
-    private const int SideSwitchPauseMs = 50;
+    internal const int SideSwitchPauseMs = 50;
 
     public static int Run(string[] filters)
     {

@@ -288,7 +288,11 @@ internal static class ComponentCompare
         var ortMs = new List<double>();
         for (int r = 0; r < runs; r++)
         {
+            // ORT's intra-op threads spin for tens of ms after Run returns; a call timed right after the other side's
+            // would share the 2 cores with them (see Compare.SideSwitchPauseMs), so each side starts after a pause.
+            Thread.Sleep(Compare.SideSwitchPauseMs);
             oursMs.Add(Time(ours));
+            Thread.Sleep(Compare.SideSwitchPauseMs);
             ortMs.Add(Time(ort));
         }
         double om = Median(oursMs), rm = Median(ortMs);
