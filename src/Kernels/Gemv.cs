@@ -79,9 +79,9 @@ internal static unsafe class Gemv
     {
         switch (dtype)
         {
-            case DType.F32: Run<TOps, TVec, Float32Pairs>(problem); break;
+            case DType.F32: Run<TOps, TVec, ConsecutivePairs<Float32Reader>>(problem); break;
             case DType.BF16: Run<TOps, TVec, BFloat16Pairs>(problem); break;
-            case DType.F16: Run<TOps, TVec, HalfPairs>(problem); break;
+            case DType.F16: Run<TOps, TVec, ConsecutivePairs<HalfReader>>(problem); break;
             default: throw new ArgumentException($"weight dtype {dtype} is not supported", "w");
         }
     }
@@ -467,9 +467,11 @@ internal unsafe interface IPairReader
     static abstract float LoadScalar(byte* row, nint index);
 }
 
-internal readonly unsafe struct Float32Pairs : IPairReader
+/// <summary>Two consecutive vectors of an ordinary <see cref="IWeightReader"/> (fp32, f16): x keeps its own order.</summary>
+internal readonly unsafe struct ConsecutivePairs<TReader> : IPairReader
+    where TReader : struct, IWeightReader
 {
-    public static int ElementSize => sizeof(float);
+    public static int ElementSize => TReader.ElementSize;
     public static bool PermutesX => false;
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -477,30 +479,12 @@ internal readonly unsafe struct Float32Pairs : IPairReader
         where TOps : struct, ISimdOps<TOps, TVec>
         where TVec : unmanaged
     {
-        first = TOps.Load((float*)row + index);
-        second = TOps.Load((float*)row + index + TOps.Count);
+        first = TReader.Load<TOps, TVec>(row, index);
+        second = TReader.Load<TOps, TVec>(row, index + TOps.Count);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static float LoadScalar(byte* row, nint index) => ((float*)row)[index];
-}
-
-internal readonly unsafe struct HalfPairs : IPairReader
-{
-    public static int ElementSize => sizeof(ushort);
-    public static bool PermutesX => false;
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static void Load<TOps, TVec>(byte* row, nint index, out TVec first, out TVec second)
-        where TOps : struct, ISimdOps<TOps, TVec>
-        where TVec : unmanaged
-    {
-        first = TOps.LoadHalf((ushort*)row + index);
-        second = TOps.LoadHalf((ushort*)row + index + TOps.Count);
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static float LoadScalar(byte* row, nint index) => HalfBits.ToSingle(((ushort*)row)[index]);
+    public static float LoadScalar(byte* row, nint index) => TReader.LoadScalar(row, index);
 }
 
 internal readonly unsafe struct BFloat16Pairs : IPairReader
@@ -548,5 +532,5 @@ internal readonly unsafe struct BFloat16Pairs : IPairReader
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static float LoadScalar(byte* row, nint index) => BitConverter.UInt32BitsToSingle((uint)((ushort*)row)[index] << 16);
+    public static float LoadScalar(byte* row, nint index) => BFloat16Reader.LoadScalar(row, index);
 }
