@@ -57,10 +57,10 @@ internal static class ScaleSearch
         switch (path)
         {
             case Path.Vector512 when format == QuantFormat.Q8:
-                GridQ8Vector512(block, natural, scaleType, scales, errors);
+                GridVector512<Q8Rounding>(block, natural, s_q8Multipliers, scaleType, scales, errors);
                 break;
             case Path.Vector512:
-                GridNf4Vector512(block, natural, scaleType, scales, errors);
+                GridVector512<Nf4Rounding>(block, natural, s_nf4Multipliers, scaleType, scales, errors);
                 break;
             case Path.Vector256 when format == QuantFormat.Q8:
                 GridQ8Vector256(block, natural, scaleType, scales, errors);
@@ -99,22 +99,41 @@ internal static class ScaleSearch
         }
     }
 
-    private static void GridQ8Vector512(ReadOnlySpan<float> block, float natural, DType scaleType, Span<float> scales, Span<float> errors)
+    private static void GridVector512<TCode>(ReadOnlySpan<float> block, float natural, float[] multipliers, DType scaleType, Span<float> scales, Span<float> errors)
+        where TCode : struct, ICodeRounding
     {
-        Vector512<float> scale = RoundScale(Vector512.Create(natural) * Vector512.Create(s_q8Multipliers), scaleType);
+        Vector512<float> scale = RoundScale(Vector512.Create(natural) * Vector512.Create(multipliers), scaleType);
         Vector512<float> inverse = Vector512<float>.One / scale, negativeScale = -scale;
         Vector512<float> s0 = Vector512<float>.Zero, s1 = s0, s2 = s0, s3 = s0;
         ref float w = ref MemoryMarshal.GetReference(block);
-        // Multipliers >= 1 keep |w / scale| below 127.5 (fp16 rounds a scale by at most 2^-10), so no clamping is needed.
+        // q8: multipliers >= 1 keep |w / scale| below 127.5 (fp16 rounds a scale by at most 2^-10), so no clamping is needed.
         // Four sums (element i into sum i mod 4) keep four FMA chains in flight.
         for (int i = 0; i < block.Length; i += 4)
         {
-            s0 = Q8Term(Unsafe.Add(ref w, i), inverse, negativeScale, s0);
-            s1 = Q8Term(Unsafe.Add(ref w, i + 1), inverse, negativeScale, s1);
-            s2 = Q8Term(Unsafe.Add(ref w, i + 2), inverse, negativeScale, s2);
-            s3 = Q8Term(Unsafe.Add(ref w, i + 3), inverse, negativeScale, s3);
+            s0 = Term<TCode>(Unsafe.Add(ref w, i), inverse, negativeScale, s0);
+            s1 = Term<TCode>(Unsafe.Add(ref w, i + 1), inverse, negativeScale, s1);
+            s2 = Term<TCode>(Unsafe.Add(ref w, i + 2), inverse, negativeScale, s2);
+            s3 = Term<TCode>(Unsafe.Add(ref w, i + 3), inverse, negativeScale, s3);
         }
         Finish(scale, (s0 + s1) + (s2 + s3), scaleType, scales, errors);
+    }
+
+    /// <summary>How a weight divided by the block scale becomes the value its code stands for (q8: nearest integer; nf4: nearest table entry).</summary>
+    private interface ICodeRounding
+    {
+        static abstract Vector512<float> Round(Vector512<float> ratio);
+    }
+
+    private readonly struct Q8Rounding : ICodeRounding
+    {
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static Vector512<float> Round(Vector512<float> ratio) => Vector512.Round(ratio);
+    }
+
+    private readonly struct Nf4Rounding : ICodeRounding
+    {
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static Vector512<float> Round(Vector512<float> ratio) => Nf4Lookup.Value(ratio);
     }
 
     private static void GridQ8Vector256(ReadOnlySpan<float> block, float natural, DType scaleType, Span<float> scales, Span<float> errors)
@@ -139,28 +158,13 @@ internal static class ScaleSearch
         }
     }
 
-    private static void GridNf4Vector512(ReadOnlySpan<float> block, float natural, DType scaleType, Span<float> scales, Span<float> errors)
-    {
-        Vector512<float> scale = RoundScale(Vector512.Create(natural) * Vector512.Create(s_nf4Multipliers), scaleType);
-        Vector512<float> inverse = Vector512<float>.One / scale, negativeScale = -scale;
-        Vector512<float> s0 = Vector512<float>.Zero, s1 = s0, s2 = s0, s3 = s0;
-        ref float w = ref MemoryMarshal.GetReference(block);
-        for (int i = 0; i < block.Length; i += 4)
-        {
-            s0 = Nf4Term(Unsafe.Add(ref w, i), inverse, negativeScale, s0);
-            s1 = Nf4Term(Unsafe.Add(ref w, i + 1), inverse, negativeScale, s1);
-            s2 = Nf4Term(Unsafe.Add(ref w, i + 2), inverse, negativeScale, s2);
-            s3 = Nf4Term(Unsafe.Add(ref w, i + 3), inverse, negativeScale, s3);
-        }
-        Finish(scale, (s0 + s1) + (s2 + s3), scaleType, scales, errors);
-    }
-
-    /// <summary>sum + (w − round(w / scale) · scale)² for 16 candidate scales.</summary>
+    /// <summary>sum + (w − code(w / scale) · scale)² for 16 candidate scales.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> Q8Term(float weight, Vector512<float> inverse, Vector512<float> negativeScale, Vector512<float> sum)
+    private static Vector512<float> Term<TCode>(float weight, Vector512<float> inverse, Vector512<float> negativeScale, Vector512<float> sum)
+        where TCode : struct, ICodeRounding
     {
         var x = Vector512.Create(weight);
-        Vector512<float> e = Vector512.FusedMultiplyAdd(Vector512.Round(x * inverse), negativeScale, x);
+        Vector512<float> e = Vector512.FusedMultiplyAdd(TCode.Round(x * inverse), negativeScale, x);
         return Vector512.FusedMultiplyAdd(e, e, sum);
     }
 
@@ -170,14 +174,6 @@ internal static class ScaleSearch
         var x = Vector256.Create(weight);
         Vector256<float> e = Vector256.FusedMultiplyAdd(Vector256.Round(x * inverse), negativeScale, x);
         return Vector256.FusedMultiplyAdd(e, e, sum);
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> Nf4Term(float weight, Vector512<float> inverse, Vector512<float> negativeScale, Vector512<float> sum)
-    {
-        var x = Vector512.Create(weight);
-        Vector512<float> e = Vector512.FusedMultiplyAdd(Nf4Lookup.Value(x * inverse), negativeScale, x);
-        return Vector512.FusedMultiplyAdd(e, e, sum);
     }
 
     private static void Finish(Vector512<float> scale, Vector512<float> sum, DType scaleType, Span<float> scales, Span<float> errors)
