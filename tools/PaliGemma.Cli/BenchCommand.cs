@@ -211,28 +211,8 @@ public static class BenchCommand
                 WriteOptional(w, "rss_before_load_bytes", rssBeforeLoad);
                 WriteOptional(w, "rss_after_load_bytes", rssAfterLoad);
                 WriteOptional(w, "rss_after_adapter_bytes", rssAfterAdapter);
-                if (probe is not null)
-                {
-                    w.WriteNumber("memory_read_gb_per_s", Round(probe.MedianGBps));
-                    w.WriteNumber("memory_read_gb_per_s_best", Round(probe.BestGBps));
-                    w.WriteNumber("memory_probe_bytes", probe.BufferBytes);
-                    w.WriteNumber("decode_fraction_of_memory_read", Round(decodeGBps / probe.MedianGBps));
-                }
-                else
-                {
-                    w.WriteNull("memory_read_gb_per_s");
-                }
-                if (mappedProbe is not null)
-                {
-                    w.WriteNumber("mapped_read_gb_per_s", Round(mappedProbe.MedianGBps));
-                    w.WriteNumber("mapped_read_gb_per_s_best", Round(mappedProbe.BestGBps));
-                    w.WriteNumber("mapped_read_bytes", mappedProbe.BufferBytes);
-                    w.WriteNumber("decode_fraction_of_mapped_read", Round(decodeGBps / mappedProbe.MedianGBps));
-                }
-                else
-                {
-                    w.WriteNull("mapped_read_gb_per_s");
-                }
+                WriteProbe(w, "memory_read", "memory_probe_bytes", probe, decodeGBps);
+                WriteProbe(w, "mapped_read", "mapped_read_bytes", mappedProbe, decodeGBps);
                 decodeProfile?.WriteJson(w);
                 if (peakRss is long rss) w.WriteNumber("peak_rss_bytes", rss);
                 else w.WriteNull("peak_rss_bytes");
@@ -463,6 +443,20 @@ public static class BenchCommand
         var sorted = values.Order().ToArray();
         int n = sorted.Length;
         return n % 2 == 1 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
+    }
+
+    /// <summary>A read probe's median, best, size and decode's share of the median as "{name}_gb_per_s"..., or null when it did not run.</summary>
+    private static void WriteProbe(Utf8JsonWriter w, string name, string bytesName, MemoryBandwidthResult? probe, double decodeGBps)
+    {
+        if (probe is null)
+        {
+            w.WriteNull($"{name}_gb_per_s");
+            return;
+        }
+        w.WriteNumber($"{name}_gb_per_s", Round(probe.MedianGBps));
+        w.WriteNumber($"{name}_gb_per_s_best", Round(probe.BestGBps));
+        w.WriteNumber(bytesName, probe.BufferBytes);
+        w.WriteNumber($"decode_fraction_of_{name}", Round(decodeGBps / probe.MedianGBps));
     }
 
     private static double Round(double value) => double.IsFinite(value) ? Math.Round(value, 6) : 0;
