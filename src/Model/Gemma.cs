@@ -89,9 +89,9 @@ public sealed class GemmaDecoder
     /// </summary>
     public long DecodeWeightBytesPerToken()
     {
-        long total = _embedQuantized?.StreamedBytes ?? (long)_lmHead.Rows * _lmHead.Cols * _lmHead.DType.SizeOf();
+        long total = LmHeadOperand.StreamedBytes;
         foreach (var linear in Linears)
-            total += linear.Quantized?.StreamedBytes ?? (long)linear.OutFeatures * linear.InFeatures * linear.Weight.DType.SizeOf();
+            total += linear.Operand.StreamedBytes;
         return total;
     }
 
@@ -536,20 +536,18 @@ public sealed class GemmaDecoder
         for (int i = 0; i < norms.Length; i++)
         {
             var l = _layers[i];
-            norms[i] = new ResidentNorms(Resident(backend, l.InputNorm), ResidentOrNull(backend, l.AttentionOutputNorm),
-                Resident(backend, l.FeedForwardInputNorm), ResidentOrNull(backend, l.FeedForwardOutputNorm));
+            norms[i] = new ResidentNorms(SmallTensors.Upload(backend, l.InputNorm), ResidentOrNull(backend, l.AttentionOutputNorm),
+                SmallTensors.Upload(backend, l.FeedForwardInputNorm), ResidentOrNull(backend, l.FeedForwardOutputNorm));
         }
         _residentNorms = norms;
-        _residentFinalNorm = Resident(backend, _finalNorm);
+        _residentFinalNorm = SmallTensors.Upload(backend, _finalNorm);
         var previousHead = _residentLmHead;
         _residentLmHead = backend.IsHost ? null : backend.Upload(LmHeadOperand, default);
         previousHead?.Dispose();
         _backend = backend;
     }
 
-    private static DeviceBuffer Resident(IComputeBackend backend, float[] values) => SmallTensors.Upload(backend, values);
-
-    private static DeviceBuffer? ResidentOrNull(IComputeBackend backend, float[]? values) => values is null ? null : Resident(backend, values);
+    private static DeviceBuffer? ResidentOrNull(IComputeBackend backend, float[]? values) => values is null ? null : SmallTensors.Upload(backend, values);
 
     private sealed record ResidentNorms(DeviceBuffer Input, DeviceBuffer? AttentionOutput, DeviceBuffer FeedForwardInput, DeviceBuffer? FeedForwardOutput);
 }
