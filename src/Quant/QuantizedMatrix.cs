@@ -132,9 +132,13 @@ public sealed unsafe class QuantizedMatrix : IMatrixOperand
         CheckRow(row);
         if ((uint)block >= (uint)BlocksPerRow)
             throw new ArgumentOutOfRangeException(nameof(block), block, $"a row has {BlocksPerRow} blocks");
-        long index = (long)row * BlocksPerRow + block;
-        return ScaleType == DType.F16 ? (float)((Half*)ScaleData)[index] : ((float*)ScaleData)[index];
+        return ScaleValue(ScaleData, ScaleType, (long)row * BlocksPerRow + block);
     }
+
+    /// <summary>Scale number <paramref name="index"/> (all rows, row-major) of F16 or F32 scales at <paramref name="data"/>, unchecked.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static float ScaleValue(byte* data, DType type, long index) =>
+        type == DType.F16 ? (float)((Half*)data)[index] : ((float*)data)[index];
 
     private static void WidenScales(byte* data, DType type, long first, Span<float> destination)
     {

@@ -14,7 +14,7 @@ internal readonly unsafe struct QuantizedRows(QuantizedMatrix matrix) : IWeightR
 {
     private readonly byte* _codes = matrix.Blocks;
     private readonly byte* _scaleData = matrix.ScaleData;
-    private readonly int _scaleSize = matrix.ScaleType.SizeOf();
+    private readonly DType _scaleType = matrix.ScaleType;
     private readonly QuantFormat _format = matrix.Format;
     private readonly int _blocksPerRow = matrix.BlocksPerRow;
 
@@ -51,8 +51,7 @@ internal readonly unsafe struct QuantizedRows(QuantizedMatrix matrix) : IWeightR
     }
 
     // One block scale widened to fp32 (fp16 in what we write, fp32 in older checkpoints); once per 32 or 64 weights.
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private float Scale(long block) => _scaleSize == sizeof(float) ? ((float*)_scaleData)[block] : (float)((Half*)_scaleData)[block];
+    private float Scale(long block) => QuantizedMatrix.ScaleValue(_scaleData, _scaleType, block);
 
     public void Prefetch(int row, int count, int k0, int k1)
     {
@@ -60,12 +59,13 @@ internal readonly unsafe struct QuantizedRows(QuantizedMatrix matrix) : IWeightR
         int firstBlock = k0 / blockSize;
         int blocks = (k1 - k0 + blockSize - 1) / blockSize;
         int blockBytes = _format.BlockBytes();
+        int scaleSize = _scaleType.SizeOf();
         for (int r = 0; r < count; r++)
         {
             long block = (long)(row + r) * _blocksPerRow + firstBlock;
             byte* codes = _codes + block * blockBytes;
             PackedGemm.PrefetchLines(codes, codes + blocks * blockBytes);
-            PackedGemm.PrefetchLines(_scaleData + block * _scaleSize, _scaleData + (block + blocks) * _scaleSize);
+            PackedGemm.PrefetchLines(_scaleData + block * scaleSize, _scaleData + (block + blocks) * scaleSize);
         }
     }
 }
