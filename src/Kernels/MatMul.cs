@@ -170,8 +170,7 @@ public static unsafe class MatMul
                     int k1 = Math.Min(k, k0 + depth);
                     if (widenPanel)
                     {
-                        for (int n = n0; n < n1; n++)
-                            Widen(shape.W + n * wStride, k0, k1, panel + (nint)(n - n0) * depth);
+                        new StoredWeightRows<TOps, TVec, TReader>(shape.W, k).Widen(n0, n1 - n0, k0, k1, panel, depth);
                         // Offset so that element index k0 of a panel row is panel[row * depth].
                         Block<TOps, TVec, Float32Reader>.Sweep(shape, (byte*)(panel - k0), (nint)depth * sizeof(float), m0, m1, n0, n1, k0, k1, sums);
                     }
@@ -189,15 +188,6 @@ public static unsafe class MatMul
                     Activations.SoftCap(tileRow, tileRow, shape.SoftCap);
                 }
             }
-        }
-
-        private static void Widen(byte* row, nint start, nint end, float* destination)
-        {
-            nint i = start;
-            for (nint vectorEnd = start + ((end - start) & ~(nint)(TOps.Count - 1)); i < vectorEnd; i += TOps.Count)
-                TOps.Store(TReader.Load<TOps, TVec>(row, i), destination + (i - start));
-            for (; i < end; i++)
-                destination[i - start] = TReader.LoadScalar(row, i);
         }
     }
 
