@@ -12,8 +12,9 @@ namespace PaliGemma.CpuOnly.Quant;
 public enum ScaleSelection
 {
     /// <summary>
-    /// The scale among 16 candidates near the natural one (then a least-squares refit) that leaves the least squared
-    /// error in the block's weights (q8 never below absmax/127, so no weight is clipped). The default.
+    /// The scale among 16 candidates near the natural one (each rounded to the scale type first) that leaves the least
+    /// squared error in the block's weights (q8 never below absmax/127, so no weight is clipped). What `paligemma quantize`
+    /// writes and the default of the Quantizer's methods; load-time quantization defaults to <see cref="AbsMax"/> (faster).
     /// </summary>
     MinimumError,
     /// <summary>The natural scale: q8 absmax/127, nf4 absmax (rounded to the scale type).</summary>
