@@ -40,10 +40,10 @@ public static unsafe class Activations
         {
             switch (width)
             {
-                case SimdWidth.Vector512: Gelu<Simd512, Vector512<float>>(xp, null, yp, x.Length); break;
-                case SimdWidth.Vector256: Gelu<Simd256, Vector256<float>>(xp, null, yp, x.Length); break;
-                case SimdWidth.Vector128: Gelu<Simd128, Vector128<float>>(xp, null, yp, x.Length); break;
-                default: Gelu<SimdScalar, float>(xp, null, yp, x.Length); break;
+                case SimdWidth.Vector512: GeluParallel<Simd512, Vector512<float>>(xp, null, yp, x.Length); break;
+                case SimdWidth.Vector256: GeluParallel<Simd256, Vector256<float>>(xp, null, yp, x.Length); break;
+                case SimdWidth.Vector128: GeluParallel<Simd128, Vector128<float>>(xp, null, yp, x.Length); break;
+                default: GeluParallel<SimdScalar, float>(xp, null, yp, x.Length); break;
             }
         }
     }
@@ -60,11 +60,39 @@ public static unsafe class Activations
         {
             switch (width)
             {
-                case SimdWidth.Vector512: Gelu<Simd512, Vector512<float>>(gp, up_, yp, gate.Length); break;
-                case SimdWidth.Vector256: Gelu<Simd256, Vector256<float>>(gp, up_, yp, gate.Length); break;
-                case SimdWidth.Vector128: Gelu<Simd128, Vector128<float>>(gp, up_, yp, gate.Length); break;
-                default: Gelu<SimdScalar, float>(gp, up_, yp, gate.Length); break;
+                case SimdWidth.Vector512: GeluParallel<Simd512, Vector512<float>>(gp, up_, yp, gate.Length); break;
+                case SimdWidth.Vector256: GeluParallel<Simd256, Vector256<float>>(gp, up_, yp, gate.Length); break;
+                case SimdWidth.Vector128: GeluParallel<Simd128, Vector128<float>>(gp, up_, yp, gate.Length); break;
+                default: GeluParallel<SimdScalar, float>(gp, up_, yp, gate.Length); break;
             }
+        }
+    }
+
+    // Element-wise work is split into chunks of this many floats (a multiple of every vector width) across the kernel
+    // threads once there are at least two chunks: a prefill's GeGLU is millions of exps.
+    private const int ChunkLength = 1 << 14;
+
+    private static void GeluParallel<TOps, TVec>(float* x, float* up, float* y, nint n)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        long chunks = (n + ChunkLength - 1) / ChunkLength;
+        if (chunks < 2 || chunks > int.MaxValue)
+        {
+            Gelu<TOps, TVec>(x, up, y, n);
+            return;
+        }
+        KernelThreading.For((int)chunks, true, new GeluChunks<TOps, TVec>(x, up, y, n));
+    }
+
+    private readonly struct GeluChunks<TOps, TVec>(float* x, float* up, float* y, nint n) : IWorkItems
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        public void Run(int item)
+        {
+            nint start = (nint)item * ChunkLength;
+            Gelu<TOps, TVec>(x + start, up == null ? null : up + start, y + start, Math.Min(ChunkLength, n - start));
         }
     }
 
@@ -82,7 +110,7 @@ public static unsafe class Activations
         {
             TVec v = TOps.Load(x + i);
             TVec minusTwoU = TOps.Multiply(v, TOps.MultiplyAdd(TOps.Multiply(v, v), cubic, linear));
-            TVec result = TOps.Divide(v, TOps.Add(one, TOps.Exp(minusTwoU)));
+            TVec result = TOps.Divide(v, TOps.Add(one, PolynomialExp.Exp(minusTwoU)));
             if (up != null)
                 result = TOps.Multiply(result, TOps.Load(up + i));
             TOps.Store(result, y + i);

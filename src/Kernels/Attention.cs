@@ -57,6 +57,8 @@ public static unsafe class Attention
     private const long ParallelThreshold = 1L << 18;
     // Smallest key chunk worth a thread of its own when a call has too few work items to go round.
     private const int MinSplitKeys = 4 * KeyBlock;
+    // Most floats of packed keys held at once by one calling thread (16 MB; SigLIP at 256 tokens needs 2.5 MB for all heads).
+    private const long MaxSharedKeyFloats = 1L << 22;
 
     public static void Forward(scoped in AttentionProblem problem) => Forward(problem, SimdWidths.Best);
 
@@ -187,7 +189,10 @@ public static unsafe class Attention
         int splitKeys = forcedSplitKeys > 0 ? forcedSplitKeys : parallel ? SplitKeys((long)hi - lo, items, KernelThreading.MaxThreads) : 0;
         if (splitKeys == 0 || lo >= hi)
         {
-            KernelThreading.For(items, parallel, body);
+            if (lo < hi && blocks > 1 && body.PacksKeyBlocks)
+                RunWithSharedKeys(shape, body, blocks, lo, hi, parallel);
+            else
+                KernelThreading.For(items, parallel, body);
             return;
         }
 
@@ -201,6 +206,30 @@ public static unsafe class Attention
             KernelThreading.For(items * splits, true, new KeySplits<TOps, TVec>(body, lo, splitKeys, splits, partial));
             for (int item = 0; item < items; item++)
                 body.Merge(item, partial + (nint)item * splits * slotLength, splits);
+        }
+    }
+
+    /// <summary>
+    /// Several query blocks read the same keys (prefill, vision): each kv head's key blocks are transposed (and V padded)
+    /// once, by all threads, into a buffer every query block of that head then reads, instead of once per query block.
+    /// As many kv heads at a time as fit in <see cref="MaxSharedKeyFloats"/> (at least one).
+    /// </summary>
+    private static void RunWithSharedKeys<TOps, TVec>(in Shape shape, Blocks<TOps, TVec> body, int blocks, int lo, int hi, bool parallel)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        int keyBlocks = (int)(((long)hi - lo + KeyBlock - 1) / KeyBlock);
+        long headFloats = (long)keyBlocks * body.PackedBlockLength;
+        int headsPerPass = (int)Math.Clamp(MaxSharedKeyFloats / headFloats, 1, shape.KvHeads);
+        float[] packed = ThreadScratch(ref t_sharedKeys, checked((int)(headsPerPass * headFloats)));
+        fixed (float* keys = packed)
+        {
+            for (int first = 0; first < shape.KvHeads; first += headsPerPass)
+            {
+                int heads = Math.Min(headsPerPass, shape.KvHeads - first);
+                KernelThreading.For(heads * keyBlocks, parallel, new KeyBlockPacking<TOps, TVec>(body, first, keyBlocks, lo, hi, keys));
+                KernelThreading.For(heads * blocks, parallel, new SharedKeyBlocks<TOps, TVec>(body, first, blocks, headFloats, lo, keys));
+            }
         }
     }
 
@@ -236,6 +265,7 @@ public static unsafe class Attention
     // never call the kernel again, so one buffer per purpose and thread is never used twice at once.
     [ThreadStatic] private static float[]? t_blockScratch;
     [ThreadStatic] private static float[]? t_partials;
+    [ThreadStatic] private static float[]? t_sharedKeys;
 
     private static float[] ThreadScratch(ref float[]? buffer, int length)
     {
@@ -255,6 +285,36 @@ public static unsafe class Attention
             int from = lo + item % splits * splitKeys;
             int to = (int)Math.Min((long)from + splitKeys, int.MaxValue);
             blocks.RunPartial(item / splits, from, to, partials + (nint)item * blocks.PartialLength);
+        }
+    }
+
+    /// <summary>
+    /// Work item i packs key block i % keyBlocks (keys lo + b * KeyBlock, ...) of kv head firstHead + i / keyBlocks; a head's
+    /// blocks lie back to back, heads one after another.
+    /// </summary>
+    private readonly struct KeyBlockPacking<TOps, TVec>(Blocks<TOps, TVec> blocks, int firstHead, int keyBlocks, int lo, int hi, float* packed) : IWorkItems
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        public void Run(int item)
+        {
+            int j0 = lo + item % keyBlocks * KeyBlock;
+            blocks.PackBlock(firstHead + item / keyBlocks, j0, Math.Min(KeyBlock, hi - j0), packed + (nint)item * blocks.PackedBlockLength);
+        }
+    }
+
+    /// <summary>
+    /// Work item i is query block i % blocks of kv head firstHead + i / blocks (a <see cref="Blocks{TOps, TVec}"/> item),
+    /// reading that head's keys as packed from key lo on.
+    /// </summary>
+    private readonly struct SharedKeyBlocks<TOps, TVec>(Blocks<TOps, TVec> blocks, int firstHead, int queryBlocks, long headFloats, int lo, float* packed) : IWorkItems
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        public void Run(int item)
+        {
+            int head = item / queryBlocks;
+            blocks.RunPacked((firstHead + head) * queryBlocks + item % queryBlocks, packed + head * headFloats, lo);
         }
     }
 
@@ -285,6 +345,26 @@ public static unsafe class Attention
             _rowCapacity * _shape.HeadDim + _shape.HeadDim * KeyBlock + KeyBlock * _paddedDim + _rowCapacity * KeyBlock +
             _rowCapacity * _paddedDim + 3 * _rowCapacity + TOps.Count;
 
+        /// <summary>Floats of one packed key block: K transposed [HeadDim, KeyBlock], then V as KeyBlock rows of the padded dimension.</summary>
+        public int PackedBlockLength => _shape.HeadDim * KeyBlock + KeyBlock * _paddedDim;
+
+        /// <summary>Whether a full query block scores against transposed key blocks (else it reads K in place and packing is wasted).</summary>
+        public bool PacksKeyBlocks => _rowCapacity > DotScoreRows;
+
+        /// <summary>Packs keys j0..j0+keys-1 of one kv head into a block of <see cref="PackedBlockLength"/> floats.</summary>
+        public void PackBlock(int kvHead, int j0, int keys, float* block)
+        {
+            int keysPadded = RoundUp(keys, TOps.Count);
+            PackKeys(kvHead, j0, keys, keysPadded, block, _paddedDim == _shape.HeadDim ? null : block + _shape.HeadDim * KeyBlock);
+        }
+
+        /// <summary>Item <paramref name="item"/> over all its keys, with the key blocks already packed from key <paramref name="packedFrom"/> on.</summary>
+        public void RunPacked(int item, float* packedKeys, int packedFrom)
+        {
+            fixed (float* scratch = ThreadScratch(ref t_blockScratch, ScratchLength))
+                RunBlock(item, 0, int.MaxValue, scratch, null, packedKeys, packedFrom);
+        }
+
         /// <summary>Floats of one partial result: the unnormalised output rows, then each row's max, then its sum.</summary>
         public int PartialLength => _rowCapacity * (_paddedDim + 2);
 
@@ -299,7 +379,7 @@ public static unsafe class Attention
             // Scratch: packed queries, K block transposed (d-major), V block with padded rows, score tile, output
             // accumulators, then per-row max / sum / rescale factor.
             fixed (float* scratch = ThreadScratch(ref t_blockScratch, ScratchLength))
-                RunBlock(item, from, to, scratch, partial);
+                RunBlock(item, from, to, scratch, partial, null, 0);
         }
 
         /// <summary>Folds the partial results of one item's key chunks into its output rows.</summary>
@@ -342,7 +422,9 @@ public static unsafe class Attention
             }
         }
 
-        private void RunBlock(int item, int from, int to, float* scratch, float* partial)
+        /// <param name="packedKeys">Null, or this item's kv head's key blocks packed by <see cref="PackBlock"/> from key <paramref name="packedFrom"/> on
+        /// (the item's blocks then start on that grid).</param>
+        private void RunBlock(int item, int from, int to, float* scratch, float* partial, float* packedKeys, int packedFrom)
         {
             ref readonly Shape s = ref _shape;
             int d = s.HeadDim, dPad = _paddedDim, rowCap = _rowCapacity, group = _group;
@@ -388,7 +470,8 @@ public static unsafe class Attention
             lo = Math.Max(lo, from);
             hi = Math.Min(hi, to);
 
-            for (int j0 = lo; j0 < hi; j0 += KeyBlock)
+            int firstBlock = packedKeys == null || lo >= hi ? lo : packedFrom + (lo - packedFrom) / KeyBlock * KeyBlock;
+            for (int j0 = firstBlock; j0 < hi; j0 += KeyBlock)
             {
                 int keys = Math.Min(KeyBlock, hi - j0);
                 int chunks = (keys + TOps.Count - 1) / TOps.Count;
@@ -396,8 +479,16 @@ public static unsafe class Attention
                 if (!AnyVisible(q0, queries, j0, keys))
                     continue;
 
-                if (!dotScores || !vInPlace)
+                if (packedKeys != null)
+                {
+                    // The shared block may hold keys before lo or past hi: the softmax masks them per query.
+                    kT = packedKeys + (nint)((j0 - packedFrom) / KeyBlock) * PackedBlockLength;
+                    vPack = kT + d * KeyBlock;
+                }
+                else if (!dotScores || !vInPlace)
+                {
                     PackKeys(kvHead, j0, keys, keysPadded, dotScores ? null : kT, vInPlace ? null : vPack);
+                }
                 nint kvOffset = (nint)j0 * s.KvRowStride + (nint)kvHead * d;
                 if (dotScores)
                 {
@@ -629,7 +720,7 @@ public static unsafe class Attention
             TVec total = TOps.Zero;
             for (int j = 0; j < keysPadded; j += n)
             {
-                TVec p = TOps.Exp(TOps.Subtract(TOps.Load(row + j), newMaxV));
+                TVec p = PolynomialExp.Exp(TOps.Subtract(TOps.Load(row + j), newMaxV));
                 TOps.Store(p, row + j);
                 total = TOps.Add(total, p);
             }

@@ -1,4 +1,3 @@
-using System.Buffers;
 using System.Runtime.Intrinsics;
 using PaliGemma.CpuOnly.Kernels.Simd;
 
@@ -7,8 +6,6 @@ namespace PaliGemma.CpuOnly.Kernels;
 /// <summary>Rotary position embedding in the rotate-half layout used by Hugging Face Gemma.</summary>
 public static unsafe class Rope
 {
-    private const int StackLimit = 512;
-
     /// <summary>
     /// Rotates, in place, every head of every row: for i &lt; headDim/2, with angle = position * invFreq[i],
     /// out[i] = x[i] cos - x[i + half] sin and out[i + half] = x[i + half] cos + x[i] sin.
@@ -45,56 +42,98 @@ public static unsafe class Rope
             return;
 
         int half = headDim / 2;
-        float[]? rented = null;
-        Span<float> table = 3 * half <= StackLimit ? stackalloc float[3 * half] : (rented = ArrayPool<float>.Shared.Rent(3 * half));
-        try
+        int chunkRows = Math.Clamp(MaxTableFloats / half, 1, rows);
+        var table = t_table ??= new AngleTable();
+        fixed (float* xp = x)
         {
-            Span<float> invFreq = table[..half];
-            for (int i = 0; i < half; i++)
-                invFreq[i] = 1f / MathF.Pow(theta, (2 * i) / (float)headDim);
-
-            fixed (float* xp = x)
-            fixed (float* tp = table)
-            fixed (int* pp = positions)
+            for (int r0 = 0; r0 < rows; r0 += chunkRows)
             {
-                switch (width)
+                int count = Math.Min(chunkRows, rows - r0);
+                table.Prepare(positions.Slice(r0, count), theta, headDim);
+                fixed (float* cos = table.Cos)
+                fixed (float* sin = table.Sin)
                 {
-                    case SimdWidth.Vector512: Rows<Simd512, Vector512<float>>(xp, rows, heads, headDim, rowStride, pp, tp); break;
-                    case SimdWidth.Vector256: Rows<Simd256, Vector256<float>>(xp, rows, heads, headDim, rowStride, pp, tp); break;
-                    case SimdWidth.Vector128: Rows<Simd128, Vector128<float>>(xp, rows, heads, headDim, rowStride, pp, tp); break;
-                    default: Rows<SimdScalar, float>(xp, rows, heads, headDim, rowStride, pp, tp); break;
+                    float* xr = xp + (nint)r0 * rowStride;
+                    switch (width)
+                    {
+                        case SimdWidth.Vector512: Rows<Simd512, Vector512<float>>(xr, count, heads, headDim, rowStride, cos, sin); break;
+                        case SimdWidth.Vector256: Rows<Simd256, Vector256<float>>(xr, count, heads, headDim, rowStride, cos, sin); break;
+                        case SimdWidth.Vector128: Rows<Simd128, Vector128<float>>(xr, count, heads, headDim, rowStride, cos, sin); break;
+                        default: Rows<SimdScalar, float>(xr, count, heads, headDim, rowStride, cos, sin); break;
+                    }
                 }
             }
         }
-        finally
-        {
-            if (rented != null)
-                ArrayPool<float>.Shared.Return(rented);
-        }
     }
 
-    /// <param name="table">invFreq[half], then room for cos[half] and sin[half].</param>
-    private static void Rows<TOps, TVec>(float* x, int rows, int heads, int headDim, int rowStride, int* positions, float* table)
-        where TOps : struct, ISimdOps<TOps, TVec>
-        where TVec : unmanaged
+    // The cos/sin of one call's positions, kept per thread: the queries and keys of a layer, and every layer of one
+    // forward pass, rotate by the same positions, so the trigonometry (the bulk of a prefill call's time) runs once.
+    private const int MaxTableFloats = 1 << 19;
+    [ThreadStatic] private static AngleTable? t_table;
+
+    private sealed class AngleTable
     {
-        int half = headDim / 2;
-        float* invFreq = table, cos = table + half, sin = table + 2 * half;
-        nint vectorEnd = half & ~(nint)(TOps.Count - 1);
-        for (int r = 0; r < rows; r++)
+        private int[] _positions = [];
+        private int _count = -1, _headDim;
+        private float _theta;
+        private float[] _invFreq = [];
+        public float[] Cos = [], Sin = [];
+
+        /// <summary>Fills Cos/Sin [positions.Length, headDim / 2] unless they already hold these positions' angles.</summary>
+        public void Prepare(ReadOnlySpan<int> positions, float theta, int headDim)
         {
-            // Consecutive rows often share a position (several sequences, repeated decode steps): keep the table then.
-            if (r == 0 || positions[r] != positions[r - 1])
+            if (_count == positions.Length && _headDim == headDim && _theta.Equals(theta) && positions.SequenceEqual(_positions.AsSpan(0, _count)))
+                return;
+            int half = headDim / 2, count = positions.Length;
+            if (_positions.Length < count)
+                _positions = new int[count];
+            if (Cos.Length < count * half)
             {
+                Cos = new float[count * half];
+                Sin = new float[count * half];
+            }
+            if (_invFreq.Length < half)
+                _invFreq = new float[half];
+            if (_headDim != headDim || !_theta.Equals(theta))
+            {
+                for (int i = 0; i < half; i++)
+                    _invFreq[i] = 1f / MathF.Pow(theta, (2 * i) / (float)headDim);
+            }
+            for (int r = 0; r < count; r++)
+            {
+                Span<float> cos = Cos.AsSpan(r * half, half), sin = Sin.AsSpan(r * half, half);
+                // Consecutive rows often share a position (several sequences, repeated decode steps): copy the row then.
+                if (r > 0 && positions[r] == positions[r - 1])
+                {
+                    Cos.AsSpan((r - 1) * half, half).CopyTo(cos);
+                    Sin.AsSpan((r - 1) * half, half).CopyTo(sin);
+                    continue;
+                }
                 float position = positions[r];
                 for (int i = 0; i < half; i++)
                 {
-                    float angle = position * invFreq[i];
+                    float angle = position * _invFreq[i];
                     cos[i] = (float)Math.Cos(angle);
                     sin[i] = (float)Math.Sin(angle);
                 }
             }
+            positions.CopyTo(_positions);
+            _count = count;
+            _headDim = headDim;
+            _theta = theta;
+        }
+    }
 
+    /// <summary>Rotates rows whose cos/sin rows (half floats each) are given, row r's at cos + r * half.</summary>
+    private static void Rows<TOps, TVec>(float* x, int rows, int heads, int headDim, int rowStride, float* cosTable, float* sinTable)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged
+    {
+        int half = headDim / 2;
+        nint vectorEnd = half & ~(nint)(TOps.Count - 1);
+        for (int r = 0; r < rows; r++)
+        {
+            float* cos = cosTable + (nint)r * half, sin = sinTable + (nint)r * half;
             float* row = x + (nint)r * rowStride;
             for (int h = 0; h < heads; h++)
             {

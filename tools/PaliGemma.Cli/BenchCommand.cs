@@ -102,11 +102,13 @@ public static class BenchCommand
 
         var results = new List<RunTimings>();
         int promptTokens = 0;
+        var visionProfile = new PhaseProfile("vision");
+        var prefillProfile = new PhaseProfile("prefill");
         for (int r = 0; r < warmup + runs; r++)
         {
             string label = r < warmup ? $"warm-up {r + 1}/{warmup}" : $"run {r - warmup + 1}/{runs}";
             var timings = RunOnce(model, runtimeAdapter, imagePath, prompt, newTokens, out promptTokens, message => Progress($"{label}: {message}"),
-                r >= warmup ? profiler : null);
+                r >= warmup ? profiler : null, visionProfile, prefillProfile);
             if (r >= warmup) results.Add(timings);
         }
         long? peakRss = ProcessStats.PeakResidentBytes();
@@ -278,12 +280,17 @@ public static class BenchCommand
                 o.WriteLine(string.Create(CultureInfo.InvariantCulture,
                     $"interleaved {interleaved.RuntimeMedianStepSeconds * 1000,10:F1} ms/token run time, {interleaved.MergedMedianStepSeconds * 1000:F1} merged, {interleaved.BaseMedianStepSeconds * 1000:F1} base ({interleaved.Steps} steps each): run time / merged {interleaved.Ratio:F3}"));
             decodeProfile?.WriteText(o);
+            if (profiler is not null)
+            {
+                visionProfile.WriteText(o);
+                prefillProfile.WriteText(o);
+            }
         }
         return 0;
     }
 
     private static RunTimings RunOnce(PaliGemmaModel model, LoraAdapter? adapter, string? imagePath, string prompt, int newTokens, out int promptTokens, Action<string> progress,
-        ProfilingBackend? profiler = null)
+        ProfilingBackend? profiler = null, PhaseProfile? visionProfile = null, PhaseProfile? prefillProfile = null)
     {
         var t = new RunTimings();
         var clock = Stopwatch.StartNew();
@@ -293,16 +300,20 @@ public static class BenchCommand
         t.PreprocessSeconds = clock.Elapsed.TotalSeconds;
         promptTokens = ids.Length;
 
+        if (profiler is not null) visionProfile?.Begin(profiler);
         clock.Restart();
         float[] features = model.EncodeImages(pixels, 1, null, default, adapter);
         t.VisionSeconds = clock.Elapsed.TotalSeconds;
+        if (profiler is not null) visionProfile?.End(profiler, t.VisionSeconds);
         progress(string.Create(CultureInfo.InvariantCulture, $"vision {t.VisionSeconds:F2} s"));
 
         var session = new PaliGemmaSession(model, 1, ids.Length + newTokens, adapter);
         var logits = new float[session.VocabSize];
+        if (profiler is not null) prefillProfile?.Begin(profiler);
         clock.Restart();
         session.Prefill(ids, default, ids.Length, features, logits);
         t.PrefillSeconds = clock.Elapsed.TotalSeconds;
+        if (profiler is not null) prefillProfile?.End(profiler, t.PrefillSeconds);
         progress(string.Create(CultureInfo.InvariantCulture, $"prefill {ids.Length} tokens {t.PrefillSeconds:F2} s ({ids.Length / t.PrefillSeconds:F1} tokens/s)"));
 
         // Greedy, ignoring <eos>: a random model may emit it at any step, and every run must decode the same number of tokens.

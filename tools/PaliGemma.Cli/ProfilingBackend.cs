@@ -25,6 +25,20 @@ internal sealed class ProfilingBackend(IComputeBackend inner) : IComputeBackend
     public IEnumerable<OperationStats> Stats =>
         _matrixStats.Values.OrderByDescending(s => s.Ticks).Concat(_stats).Where(s => s.Calls > 0);
 
+    /// <summary>Calls and ticks of every kind of operation so far, by name (two snapshots bracket one phase).</summary>
+    public Dictionary<string, (long Calls, long Ticks)> Snapshot() =>
+        _matrixStats.Values.Concat(_stats).ToDictionary(s => s.Name, s => (s.Calls, s.Ticks));
+
+    /// <summary>Puts every running total back to <paramref name="snapshot"/>'s (what was recorded since is dropped).</summary>
+    public void Restore(Dictionary<string, (long Calls, long Ticks)> snapshot)
+    {
+        foreach (var s in _matrixStats.Values.Concat(_stats))
+        {
+            var (calls, ticks) = snapshot.GetValueOrDefault(s.Name);
+            s.Set(calls, ticks);
+        }
+    }
+
     public void Reset()
     {
         foreach (var s in _matrixStats.Values.Concat(_stats)) s.Reset();
@@ -157,6 +171,8 @@ internal sealed class ProfilingBackend(IComputeBackend inner) : IComputeBackend
         }
 
         public void Reset() => Calls = Ticks = 0;
+
+        public void Set(long calls, long ticks) => (Calls, Ticks) = (calls, ticks);
     }
 
     private sealed class ProfiledMatrix(IComputeBackend backend, IMatrixOperand source, ResidentMatrix inner, int biasLength, OperationStats stats)

@@ -63,6 +63,29 @@ public sealed class ActivationsTests
         }
     }
 
+    // Long enough to be cut into chunks run on the kernel threads (16384 floats each), with a partial last chunk.
+    [Theory]
+    [InlineData(Width.Scalar)]
+    [InlineData(Width.V128)]
+    [InlineData(Width.V256)]
+    [InlineData(Width.V512)]
+    public void Gelu_of_several_chunks_matches_double_reference(Width width)
+    {
+        var random = new Random(3 + (int)width);
+        int length = 3 * 16384 + 37;
+        float[] gate = RandomFloats(random, length, -8f, 8f);
+        float[] up = RandomFloats(random, length, -4f, 4f);
+        float[] gelu = new float[length], product = new float[length];
+        Activations.GeluTanh(gate, gelu, width.ToSimd());
+        Activations.GeluTanhMul(gate, up, product, width.ToSimd());
+        for (int i = 0; i < length; i++)
+        {
+            double expected = GeluReference(gate[i]);
+            AssertClose(expected, gelu[i], Tolerance(expected, gate[i]), $"gelu({gate[i]:R}) at {i}");
+            AssertClose(expected * up[i], product[i], Tolerance(expected * up[i], gate[i] * up[i]), $"gelu({gate[i]:R}) * {up[i]:R} at {i}");
+        }
+    }
+
     [Fact]
     public void GeluTanh_handles_extremes()
     {

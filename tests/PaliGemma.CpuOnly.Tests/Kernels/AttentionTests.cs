@@ -39,6 +39,28 @@ public static class AttentionArbitraries
         select new AttentionCase(queries, keys, heads.Item1, heads.Item2, headDim, qSlack, kvSlack, mask, padding, softCap, scale, width, seed));
 }
 
+public static class SharedKeyArbitraries
+{
+    /// <summary>
+    /// Prefill and vision shapes: more queries than one block holds, so several query blocks of a kv head read its key
+    /// blocks packed once and shared (an odd last query block, key blocks past some queries' ranges, tails of every width).
+    /// </summary>
+    public static Arbitrary<AttentionCase> Cases() => Arb.From(
+        from queries in Gen.Choose(40, 140)
+        from keys in Gen.Frequency((1, Gen.Constant(0)), (6, Gen.Choose(1, 150)))
+        from heads in Gen.Elements((1, 1), (2, 2), (3, 3), (2, 1), (4, 2), (8, 1))
+        from headDim in Gen.Frequency((4, Gen.Choose(1, 40)), (1, Gen.Constant(72)), (1, Gen.Choose(65, 80)))
+        from qSlack in Gen.Choose(0, 3)
+        from kvSlack in Gen.Choose(0, 3)
+        from mask in Gen.Elements(MaskKind.Full, MaskKind.PrefixCausal, MaskKind.SlidingWindow, MaskKind.Random)
+        from padding in Gen.Elements(true, false)
+        from softCap in Gen.Elements(0f, 0f, 5f)
+        from scale in Gen.Elements(0.125f, 0.35f, 1f)
+        from width in Widths
+        from seed in Seeds
+        select new AttentionCase(queries, keys, heads.Item1, heads.Item2, headDim, qSlack, kvSlack, mask, padding, softCap, scale, width, seed));
+}
+
 public sealed class AttentionTests
 {
     [Property(Arbitrary = [typeof(AttentionArbitraries)], MaxTest = 150)]
@@ -46,6 +68,9 @@ public sealed class AttentionTests
 
     [Property(Arbitrary = [typeof(AttentionArbitraries)], MaxTest = 30)]
     public void Public_entry_point_matches_double_softmax_reference(AttentionCase c) => Check(c, useWidth: false);
+
+    [Property(Arbitrary = [typeof(SharedKeyArbitraries)], MaxTest = 40)]
+    public void Shared_key_blocks_match_double_softmax_reference(AttentionCase c) => Check(c, useWidth: true);
 
     // Each work item's key range cut into chunks of an odd number of keys, merged from partial softmaxes.
     [Property(Arbitrary = [typeof(AttentionArbitraries)], MaxTest = 100)]

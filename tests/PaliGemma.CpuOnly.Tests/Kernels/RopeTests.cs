@@ -87,6 +87,42 @@ public sealed class RopeTests
         Assert.Equal((float)Math.Sin(angle), y[1]);
     }
 
+    // The cos/sin table of the last call is kept per thread: back-to-back calls that agree or differ in one position, the
+    // base or the head size must each rotate by their own angles.
+    [Property(Arbitrary = [typeof(RopeArbitraries)], MaxTest = 50)]
+    public void Apply_after_another_call_uses_its_own_angles(RopeCase c, bool samePositions, bool sameTheta, bool sameHeadDim)
+    {
+        var random = new Random(c.Seed);
+        int stride = c.Heads * c.HeadDim + c.StrideSlack;
+        int[] positions = Enumerable.Range(0, c.Rows).Select(_ => random.Next(0, 9000)).ToArray();
+        float[] first = RandomFloats(random, (c.Rows - 1) * stride + c.Heads * c.HeadDim, -2f, 2f);
+        Rope.Apply(first, c.Rows, c.Heads, c.HeadDim, stride, positions, c.Theta, c.Width.ToSimd());
+
+        int[] next = (int[])positions.Clone();
+        if (!samePositions)
+            next[random.Next(next.Length)] += 1 + random.Next(3);
+        float theta = sameTheta ? c.Theta : c.Theta * 1.5f;
+        int headDim = sameHeadDim ? c.HeadDim : c.HeadDim + 2;
+        stride = c.Heads * headDim + c.StrideSlack;
+        float[] x = RandomFloats(random, (c.Rows - 1) * stride + c.Heads * headDim, -2f, 2f);
+        float[] original = (float[])x.Clone();
+        Rope.Apply(x, c.Rows, c.Heads, headDim, stride, next, theta, c.Width.ToSimd());
+        AssertMatchesReference(original, x, c.Rows, c.Heads, headDim, stride, next, theta);
+    }
+
+    // More rows than one cos/sin table holds (2^19 floats: 2048 rows of head size 512): the rows go in table-sized chunks.
+    [Fact]
+    public void Apply_covers_more_rows_than_one_table_holds()
+    {
+        const int rows = 2051, headDim = 512;
+        var random = new Random(7);
+        int[] positions = Enumerable.Range(0, rows).Select(_ => random.Next(0, 9000)).ToArray();
+        float[] x = RandomFloats(random, rows * headDim, -2f, 2f);
+        float[] original = (float[])x.Clone();
+        Rope.Apply(x, rows, 1, headDim, headDim, positions, 10000f);
+        AssertMatchesReference(original, x, rows, 1, headDim, headDim, positions, 10000f);
+    }
+
     [Fact]
     public void Apply_rejects_bad_arguments()
     {
