@@ -742,6 +742,13 @@ public static unsafe class Attention
             float* acc1 = acc + dPad, acc2 = acc1 + dPad, acc3 = acc2 + dPad;
             TVec f0 = TOps.Create(rescale[0]), f1 = TOps.Create(rescale[1]), f2 = TOps.Create(rescale[2]), f3 = TOps.Create(rescale[3]);
             int c = 0;
+            // SigLIP's head size 72 is 5 vectors of 16: one 4 x 5 tile (20 of the 32 registers) rather than a 4 x 4 tile
+            // and a 4 x 1 pass whose 4 accumulator chains cannot keep the FMA units busy.
+            if (chunks == 5 && TOps.Count == 16)
+            {
+                AccumulateValues4x5(p, keys, v0Row, vStride, dPad, acc, f0, f1, f2, f3);
+                return;
+            }
             for (; c + ChunkBlock <= chunks; c += ChunkBlock)
             {
                 int o = c * n;
@@ -791,6 +798,42 @@ public static unsafe class Attention
                 }
                 TOps.Store(a0, acc + o); TOps.Store(a1, acc1 + o); TOps.Store(a2, acc2 + o); TOps.Store(a3, acc3 + o);
             }
+        }
+
+        /// <summary><see cref="AccumulateValues"/> for rows of exactly 5 vectors.</summary>
+        private static void AccumulateValues4x5(float* p, int keys, float* v, nint vStride, int dPad, float* acc, TVec f0, TVec f1, TVec f2, TVec f3)
+        {
+            int n = TOps.Count;
+            float* p1 = p + KeyBlock, p2 = p1 + KeyBlock, p3 = p2 + KeyBlock;
+            float* acc1 = acc + dPad, acc2 = acc1 + dPad, acc3 = acc2 + dPad;
+            TVec a00 = TOps.Multiply(TOps.Load(acc), f0), a01 = TOps.Multiply(TOps.Load(acc + n), f0), a02 = TOps.Multiply(TOps.Load(acc + 2 * n), f0);
+            TVec a03 = TOps.Multiply(TOps.Load(acc + 3 * n), f0), a04 = TOps.Multiply(TOps.Load(acc + 4 * n), f0);
+            TVec a10 = TOps.Multiply(TOps.Load(acc1), f1), a11 = TOps.Multiply(TOps.Load(acc1 + n), f1), a12 = TOps.Multiply(TOps.Load(acc1 + 2 * n), f1);
+            TVec a13 = TOps.Multiply(TOps.Load(acc1 + 3 * n), f1), a14 = TOps.Multiply(TOps.Load(acc1 + 4 * n), f1);
+            TVec a20 = TOps.Multiply(TOps.Load(acc2), f2), a21 = TOps.Multiply(TOps.Load(acc2 + n), f2), a22 = TOps.Multiply(TOps.Load(acc2 + 2 * n), f2);
+            TVec a23 = TOps.Multiply(TOps.Load(acc2 + 3 * n), f2), a24 = TOps.Multiply(TOps.Load(acc2 + 4 * n), f2);
+            TVec a30 = TOps.Multiply(TOps.Load(acc3), f3), a31 = TOps.Multiply(TOps.Load(acc3 + n), f3), a32 = TOps.Multiply(TOps.Load(acc3 + 2 * n), f3);
+            TVec a33 = TOps.Multiply(TOps.Load(acc3 + 3 * n), f3), a34 = TOps.Multiply(TOps.Load(acc3 + 4 * n), f3);
+            for (int j = 0; j < keys; j++, v += vStride)
+            {
+                TVec v0 = TOps.Load(v), v1 = TOps.Load(v + n), v2 = TOps.Load(v + 2 * n), v3 = TOps.Load(v + 3 * n), v4 = TOps.Load(v + 4 * n);
+                TVec w = TOps.Create(p[j]);
+                a00 = TOps.MultiplyAdd(w, v0, a00); a01 = TOps.MultiplyAdd(w, v1, a01); a02 = TOps.MultiplyAdd(w, v2, a02);
+                a03 = TOps.MultiplyAdd(w, v3, a03); a04 = TOps.MultiplyAdd(w, v4, a04);
+                w = TOps.Create(p1[j]);
+                a10 = TOps.MultiplyAdd(w, v0, a10); a11 = TOps.MultiplyAdd(w, v1, a11); a12 = TOps.MultiplyAdd(w, v2, a12);
+                a13 = TOps.MultiplyAdd(w, v3, a13); a14 = TOps.MultiplyAdd(w, v4, a14);
+                w = TOps.Create(p2[j]);
+                a20 = TOps.MultiplyAdd(w, v0, a20); a21 = TOps.MultiplyAdd(w, v1, a21); a22 = TOps.MultiplyAdd(w, v2, a22);
+                a23 = TOps.MultiplyAdd(w, v3, a23); a24 = TOps.MultiplyAdd(w, v4, a24);
+                w = TOps.Create(p3[j]);
+                a30 = TOps.MultiplyAdd(w, v0, a30); a31 = TOps.MultiplyAdd(w, v1, a31); a32 = TOps.MultiplyAdd(w, v2, a32);
+                a33 = TOps.MultiplyAdd(w, v3, a33); a34 = TOps.MultiplyAdd(w, v4, a34);
+            }
+            TOps.Store(a00, acc); TOps.Store(a01, acc + n); TOps.Store(a02, acc + 2 * n); TOps.Store(a03, acc + 3 * n); TOps.Store(a04, acc + 4 * n);
+            TOps.Store(a10, acc1); TOps.Store(a11, acc1 + n); TOps.Store(a12, acc1 + 2 * n); TOps.Store(a13, acc1 + 3 * n); TOps.Store(a14, acc1 + 4 * n);
+            TOps.Store(a20, acc2); TOps.Store(a21, acc2 + n); TOps.Store(a22, acc2 + 2 * n); TOps.Store(a23, acc2 + 3 * n); TOps.Store(a24, acc2 + 4 * n);
+            TOps.Store(a30, acc3); TOps.Store(a31, acc3 + n); TOps.Store(a32, acc3 + 2 * n); TOps.Store(a33, acc3 + 3 * n); TOps.Store(a34, acc3 + 4 * n);
         }
 
         /// <summary>destination += source * factor.</summary>
