@@ -82,21 +82,71 @@ public sealed class SigLipVisionTower
 
         int rows = images * tokens, inner = _config.IntermediateSize;
         var backend = _backend;
-        float[] patches = new float[rows * 3 * _config.PatchSize * _config.PatchSize];
-        Unfold(pixelValues, images, patches);
-        using var patchBuffer = backend.Allocate(patches.Length);
-        using var hBuffer = backend.Allocate((long)rows * d);
-        using var normedBuffer = backend.Allocate((long)rows * d);
-        using var qBuffer = backend.Allocate((long)rows * d);
-        using var kBuffer = backend.Allocate((long)rows * d);
-        using var vBuffer = backend.Allocate((long)rows * d);
-        using var attnBuffer = backend.Allocate((long)rows * d);
-        using var mlpBuffer = backend.Allocate((long)rows * inner);
-        DeviceSpan h = hBuffer.Span, normed = normedBuffer.Span, q = qBuffer.Span, k = kBuffer.Span, v = vBuffer.Span;
-        DeviceSpan attn = attnBuffer.Span, mlp = mlpBuffer.Span;
+        // The buffers of the last call with as many images are reused (every one is fully written before it is read);
+        // a call running beside another one on a second thread makes its own.
+        var ws = Interlocked.Exchange(ref _spareWorkspace, null);
+        if (ws is null || ws.Rows != rows || !ReferenceEquals(ws.Backend, backend))
+        {
+            ws?.Dispose();
+            ws = new EncoderWorkspace(backend, rows, 3 * _config.PatchSize * _config.PatchSize, d, inner);
+        }
+        try
+        {
+            Encode(pixelValues, images, output, ws, cancellationToken, adapter, progress);
+        }
+        finally
+        {
+            if (Interlocked.CompareExchange(ref _spareWorkspace, ws, null) is not null)
+                ws.Dispose();
+        }
+    }
 
-        backend.Write(patches, patchBuffer.Span);
-        _patchEmbedding.Forward(backend, patchBuffer.Span, rows, h, null);
+    private EncoderWorkspace? _spareWorkspace;
+
+    private sealed class EncoderWorkspace : IDisposable
+    {
+        private readonly DeviceBuffer[] _buffers;
+
+        public EncoderWorkspace(IComputeBackend backend, int rows, int patchLength, int d, int inner)
+        {
+            Backend = backend;
+            Rows = rows;
+            Patches = new float[rows * patchLength];
+            _buffers = [backend.Allocate(Patches.Length), backend.Allocate((long)rows * d), backend.Allocate((long)rows * d),
+                backend.Allocate((long)rows * d), backend.Allocate((long)rows * d), backend.Allocate((long)rows * d),
+                backend.Allocate((long)rows * d), backend.Allocate((long)rows * inner)];
+        }
+
+        public IComputeBackend Backend { get; }
+        public int Rows { get; }
+        public float[] Patches { get; }
+        public DeviceSpan PatchRows => _buffers[0].Span;
+        public DeviceSpan H => _buffers[1].Span;
+        public DeviceSpan Normed => _buffers[2].Span;
+        public DeviceSpan Q => _buffers[3].Span;
+        public DeviceSpan K => _buffers[4].Span;
+        public DeviceSpan V => _buffers[5].Span;
+        public DeviceSpan Attention => _buffers[6].Span;
+        public DeviceSpan Mlp => _buffers[7].Span;
+
+        public void Dispose()
+        {
+            foreach (var buffer in _buffers)
+                buffer.Dispose();
+        }
+    }
+
+    private void Encode(ReadOnlySpan<float> pixelValues, int images, Span<float> output, EncoderWorkspace ws, CancellationToken cancellationToken,
+        LoraAdapter? adapter, IProgress<InferenceProgress>? progress)
+    {
+        int tokens = TokensPerImage, d = _config.HiddenSize, rows = images * tokens;
+        var backend = ws.Backend;
+        float[] patches = ws.Patches;
+        Unfold(pixelValues, images, patches);
+        DeviceSpan h = ws.H, normed = ws.Normed, q = ws.Q, k = ws.K, v = ws.V, attn = ws.Attention, mlp = ws.Mlp;
+
+        backend.Write(patches, ws.PatchRows);
+        _patchEmbedding.Forward(backend, ws.PatchRows, rows, h, null);
         for (int b = 0; b < images; b++)
             backend.Add(h.Slice(b * tokens * d, tokens * d), _residentPositions!.Span, h.Slice(b * tokens * d, tokens * d));
 

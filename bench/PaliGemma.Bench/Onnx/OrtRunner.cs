@@ -49,6 +49,12 @@ internal sealed unsafe class OrtRunner : IDisposable
                     _ => GraphOptimizationLevel.ORT_ENABLE_ALL,
                 },
             };
+            // PALIGEMMA_BENCH_ORT_PROFILE=PREFIX writes ORT's per-node timings (JSON, PREFIX_<date>.json) when the session closes.
+            if (Environment.GetEnvironmentVariable("PALIGEMMA_BENCH_ORT_PROFILE") is { Length: > 0 } profilePrefix)
+            {
+                options.ProfileOutputPathPrefix = profilePrefix;   // before enabling: ORT takes the prefix then
+                options.EnableProfiling = true;
+            }
             return new InferenceSession(path, options);
         }
         finally
