@@ -57,7 +57,8 @@ public static unsafe class Attention
     private const long ParallelThreshold = 1L << 18;
     // Smallest key chunk worth a thread of its own when a call has too few work items to go round.
     private const int MinSplitKeys = 4 * KeyBlock;
-    // Most floats of packed keys held at once by one calling thread (16 MB; SigLIP at 256 tokens needs 2.5 MB for all heads).
+    // Most floats of packed keys held at once by one calling thread (16 MB: SigLIP at 256 tokens needs 2.5 MB for all 16
+    // heads, Gemma's one kv head 8 MB at 4096 tokens).
     private const long MaxSharedKeyFloats = 1L << 22;
 
     public static void Forward(scoped in AttentionProblem problem) => Forward(problem, SimdWidths.Best);
@@ -189,7 +190,7 @@ public static unsafe class Attention
         int splitKeys = forcedSplitKeys > 0 ? forcedSplitKeys : parallel ? SplitKeys((long)hi - lo, items, KernelThreading.MaxThreads) : 0;
         if (splitKeys == 0 || lo >= hi)
         {
-            if (lo < hi && blocks > 1 && body.PacksKeyBlocks)
+            if (lo < hi && blocks > 1 && body.PacksKeyBlocks && SharedKeyFloats(body, lo, hi) <= MaxSharedKeyFloats)
                 RunWithSharedKeys(shape, body, blocks, lo, hi, parallel);
             else
                 KernelThreading.For(items, parallel, body);
@@ -219,7 +220,7 @@ public static unsafe class Attention
         where TVec : unmanaged
     {
         int keyBlocks = (int)(((long)hi - lo + KeyBlock - 1) / KeyBlock);
-        long headFloats = (long)keyBlocks * body.PackedBlockLength;
+        long headFloats = SharedKeyFloats(body, lo, hi);
         int headsPerPass = (int)Math.Clamp(MaxSharedKeyFloats / headFloats, 1, shape.KvHeads);
         float[] packed = ThreadScratch(ref t_sharedKeys, checked((int)(headsPerPass * headFloats)));
         fixed (float* keys = packed)
@@ -232,6 +233,12 @@ public static unsafe class Attention
             }
         }
     }
+
+    /// <summary>Floats of one kv head's keys lo..hi-1 packed in blocks (beyond <see cref="MaxSharedKeyFloats"/>, each query block packs its own).</summary>
+    private static long SharedKeyFloats<TOps, TVec>(Blocks<TOps, TVec> body, int lo, int hi)
+        where TOps : struct, ISimdOps<TOps, TVec>
+        where TVec : unmanaged =>
+        ((long)hi - lo + KeyBlock - 1) / KeyBlock * body.PackedBlockLength;
 
     /// <summary>Keys per chunk when each work item's key range should be split across threads, else 0.</summary>
     private static int SplitKeys(long span, int items, int threads)

@@ -33,13 +33,12 @@ public static unsafe class Norms
         fixed (float* bp = beta)
         {
             float* b = beta.IsEmpty ? null : bp;
-            int chunks = RowChunks(rows, dim, out int rowsPerChunk);
             switch (width)
             {
-                case SimdWidth.Vector512: KernelThreading.For(chunks, chunks > 1, new LayerNormChunks<Simd512, Vector512<float>>(xp, yp, rows, dim, gp, b, eps, rowsPerChunk)); break;
-                case SimdWidth.Vector256: KernelThreading.For(chunks, chunks > 1, new LayerNormChunks<Simd256, Vector256<float>>(xp, yp, rows, dim, gp, b, eps, rowsPerChunk)); break;
-                case SimdWidth.Vector128: KernelThreading.For(chunks, chunks > 1, new LayerNormChunks<Simd128, Vector128<float>>(xp, yp, rows, dim, gp, b, eps, rowsPerChunk)); break;
-                default: KernelThreading.For(chunks, chunks > 1, new LayerNormChunks<SimdScalar, float>(xp, yp, rows, dim, gp, b, eps, rowsPerChunk)); break;
+                case SimdWidth.Vector512: LayerNormRows<Simd512, Vector512<float>>(xp, yp, rows, dim, gp, b, eps); break;
+                case SimdWidth.Vector256: LayerNormRows<Simd256, Vector256<float>>(xp, yp, rows, dim, gp, b, eps); break;
+                case SimdWidth.Vector128: LayerNormRows<Simd128, Vector128<float>>(xp, yp, rows, dim, gp, b, eps); break;
+                default: LayerNormRows<SimdScalar, float>(xp, yp, rows, dim, gp, b, eps); break;
             }
         }
     }
@@ -54,47 +53,13 @@ public static unsafe class Norms
         fixed (float* yp = y)
         fixed (float* wp = weight)
         {
-            int chunks = RowChunks(rows, dim, out int rowsPerChunk);
             switch (width)
             {
-                case SimdWidth.Vector512: KernelThreading.For(chunks, chunks > 1, new RmsNormChunks<Simd512, Vector512<float>>(xp, yp, rows, dim, wp, eps, unitOffset, rowsPerChunk)); break;
-                case SimdWidth.Vector256: KernelThreading.For(chunks, chunks > 1, new RmsNormChunks<Simd256, Vector256<float>>(xp, yp, rows, dim, wp, eps, unitOffset, rowsPerChunk)); break;
-                case SimdWidth.Vector128: KernelThreading.For(chunks, chunks > 1, new RmsNormChunks<Simd128, Vector128<float>>(xp, yp, rows, dim, wp, eps, unitOffset, rowsPerChunk)); break;
-                default: KernelThreading.For(chunks, chunks > 1, new RmsNormChunks<SimdScalar, float>(xp, yp, rows, dim, wp, eps, unitOffset, rowsPerChunk)); break;
+                case SimdWidth.Vector512: RmsNormRows<Simd512, Vector512<float>>(xp, yp, rows, dim, wp, eps, unitOffset); break;
+                case SimdWidth.Vector256: RmsNormRows<Simd256, Vector256<float>>(xp, yp, rows, dim, wp, eps, unitOffset); break;
+                case SimdWidth.Vector128: RmsNormRows<Simd128, Vector128<float>>(xp, yp, rows, dim, wp, eps, unitOffset); break;
+                default: RmsNormRows<SimdScalar, float>(xp, yp, rows, dim, wp, eps, unitOffset); break;
             }
-        }
-    }
-
-    // Rows are normalised in chunks of about this many floats, on the kernel threads once there are two chunks or more
-    // (a prefill's or an image's 256+ rows; one decode row stays on the calling thread).
-    private const int ChunkFloats = 1 << 14;
-
-    /// <summary>How many chunks <paramref name="rows"/> rows make, and the rows per chunk.</summary>
-    private static int RowChunks(int rows, int dim, out int rowsPerChunk)
-    {
-        rowsPerChunk = Math.Clamp(ChunkFloats / dim, 1, Math.Max(rows, 1));
-        return (rows + rowsPerChunk - 1) / rowsPerChunk;
-    }
-
-    private readonly struct LayerNormChunks<TOps, TVec>(float* x, float* y, int rows, int dim, float* gamma, float* beta, float eps, int rowsPerChunk) : IWorkItems
-        where TOps : struct, ISimdOps<TOps, TVec>
-        where TVec : unmanaged
-    {
-        public void Run(int item)
-        {
-            nint offset = (nint)item * rowsPerChunk * dim;
-            LayerNormRows<TOps, TVec>(x + offset, y + offset, Math.Min(rowsPerChunk, rows - item * rowsPerChunk), dim, gamma, beta, eps);
-        }
-    }
-
-    private readonly struct RmsNormChunks<TOps, TVec>(float* x, float* y, int rows, int dim, float* weight, float eps, bool unitOffset, int rowsPerChunk) : IWorkItems
-        where TOps : struct, ISimdOps<TOps, TVec>
-        where TVec : unmanaged
-    {
-        public void Run(int item)
-        {
-            nint offset = (nint)item * rowsPerChunk * dim;
-            RmsNormRows<TOps, TVec>(x + offset, y + offset, Math.Min(rowsPerChunk, rows - item * rowsPerChunk), dim, weight, eps, unitOffset);
         }
     }
 

@@ -46,7 +46,8 @@ public sealed class CpuBackend : IComputeBackend
         Host(source).CopyTo(Host(destination));
     }
 
-    public void Add(DeviceSpan a, DeviceSpan b, DeviceSpan destination) => Elementwise.Add(Host(a), Host(b), Host(destination));
+    public void Add(DeviceSpan a, DeviceSpan b, DeviceSpan destination) =>
+        System.Numerics.Tensors.TensorPrimitives.Add(Host(a), Host(b), Host(destination));
 
     public void Scale(DeviceSpan x, float factor, DeviceSpan destination) =>
         System.Numerics.Tensors.TensorPrimitives.Multiply(Host(x), factor, Host(destination));
