@@ -511,7 +511,11 @@ internal static unsafe class IntegerGemm
             }
             long first = (long)(n0 + r) * perRow + b0;
             sbyte* source = (sbyte*)w.Blocks + first * BlockSize;
-            w.ReadScales(n0 + r, b0, blocks, new Span<float>(scales + r * chunk, blocks));
+            // Straight from the matrix's storage (ReadScales' checks and span call cost as much as the widening here).
+            if (w.ScaleType == DType.F16)
+                QuantMatMul.WidenHalves((ushort*)w.ScaleData + first, scales + r * chunk, blocks);
+            else
+                new ReadOnlySpan<float>((float*)w.ScaleData + first, blocks).CopyTo(new Span<float>(scales + r * chunk, blocks));
             if (bytes)
                 OffsetCopy(source, target, blocks * BlockSize);
             else
@@ -522,6 +526,11 @@ internal static unsafe class IntegerGemm
     private static void Widen(sbyte* source, short* target, int count)
     {
         int i = 0;
+        if (Avx512BW.IsSupported)
+        {
+            for (; i + 32 <= count; i += 32)
+                Avx512BW.ConvertToVector512Int16(Vector256.Load(source + i)).Store(target + i);
+        }
         if (Vector256.IsHardwareAccelerated)
         {
             for (; i + 32 <= count; i += 32)
