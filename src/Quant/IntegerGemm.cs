@@ -119,7 +119,7 @@ internal static unsafe class IntegerGemm
                 int slices = Math.Clamp((4 * threads + tiles - 1) / tiles, 1, units);
                 int sliceRows = (units + slices - 1) / slices * layout.XRows;
                 slices = (paddedRows + sliceRows - 1) / sliceRows;
-                var job = new Tiles(activations, w, rows, paddedRows, sliceRows, slices, bias.IsEmpty ? null : bp, yp, softCap);
+                var job = new Tiles(activations, w, rows, paddedRows, sliceRows, slices, threads, bias.IsEmpty ? null : bp, yp, softCap);
                 KernelThreading.For(tiles * slices, parallel, job);
             }
         }
@@ -370,7 +370,7 @@ internal static unsafe class IntegerGemm
     /// codes offset by +128; otherwise widened codes; then scales; zero rows pad the tile to whole micro-kernels), then
     /// every pair of x groups sweeps them. The fp32 sums are kept as [W row][x row] and transposed into y at the end.
     /// </summary>
-    private readonly struct Tiles(QuantizedActivations activations, QuantizedMatrix w, int rows, int paddedRows, int sliceRows, int slices,
+    private readonly struct Tiles(QuantizedActivations activations, QuantizedMatrix w, int rows, int paddedRows, int sliceRows, int slices, int threads,
         float* bias, float* y, float softCap) : IWorkItems
     {
         public void Run(int item)
@@ -400,12 +400,13 @@ internal static unsafe class IntegerGemm
                 {
                     int count = Math.Min(chunk, blocks - b0);
                     Stage(layout, w, n0, tileRows, stagedRows, b0, count, chunk, wCodes, wScales);
-                    // The W rows staged next (this tile's next chunk, else the next tile's first, which this or the other
-                    // thread takes soon) are asked for a few rows before each micro-kernel call, so they arrive from
-                    // memory under the arithmetic (measured: staging from memory cost 5-8% of the time on q8 checkpoints).
+                    // The W rows staged next (this tile's next chunk, else the first chunk of the tile this thread most
+                    // likely takes next: the threads claim items in turn) are asked for a few rows before each
+                    // micro-kernel call, so that they arrive from memory under the arithmetic.
+                    int nextTile = (item + threads) / slices * TileRows;
                     var prefetch = b0 + chunk < blocks
                         ? new WeightPrefetch(w, n0, tileRows, b0 + chunk, Math.Min(chunk, blocks - b0 - chunk))
-                        : n0 + TileRows < n ? new WeightPrefetch(w, n0 + TileRows, Math.Min(TileRows, n - n0 - TileRows), 0, chunk) : default;
+                        : nextTile != n0 && nextTile < n ? new WeightPrefetch(w, nextTile, Math.Min(TileRows, n - nextTile), 0, chunk) : default;
                     int calls = (width / layout.XRows) * (stagedRows / layout.WRows);
                     int rowsPerCall = (prefetch.Rows + calls - 1) / calls;
                     int nextRow = 0;
