@@ -203,8 +203,8 @@ internal static unsafe class IntegerGemm
 
         /// <summary>
         /// The AVX-512 int16 layout, 16 rows at a time: each row's block becomes one vector of 16 code pairs (in row
-        /// order), and a 16 x 16 transpose of those vectors gives the [step][lane] layout in whole-vector stores (a
-        /// lane at a time, the steps cost 16 scalar stores per row block).
+        /// order), and a 16 x 16 transpose of those vectors gives the [step][lane] layout in whole-vector stores
+        /// (spreading one row at a time costs 16 scalar stores per row block).
         /// </summary>
         private void QuantizeGroupInt16Vector512(int group)
         {
@@ -265,37 +265,43 @@ internal static unsafe class IntegerGemm
         return absMax / short.MaxValue;
     }
 
-    /// <summary>destination[c] lane r = source[r] lane c for a 16 x 16 block of 32-bit values (pure data movement).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    /// <summary>destination[c] lane r = source[r] lane c for a 16 x 16 block of 32-bit values (data movement only).</summary>
     private static void TransposeInt32(Vector512<int>* source, Vector512<int>* destination)
     {
-        // Pairs of rows interleaved (32-bit), then pairs of pairs (64-bit), then 128-bit lanes twice.
-        Vector512<int>* t = stackalloc Vector512<int>[16];
-        for (int i = 0; i < 16; i += 2)
-        {
-            t[i] = Avx512F.UnpackLow(source[i], source[i + 1]);
-            t[i + 1] = Avx512F.UnpackHigh(source[i], source[i + 1]);
-        }
-        // t[2j] lane group g: rows 2j, 2j+1 of columns 4g, 4g+1; t[2j+1]: columns 4g+2, 4g+3.
-        Vector512<int>* u = stackalloc Vector512<int>[16];
-        for (int i = 0; i < 16; i += 4)
-        {
-            u[i] = Avx512F.UnpackLow(t[i].AsInt64(), t[i + 2].AsInt64()).AsInt32();
-            u[i + 1] = Avx512F.UnpackHigh(t[i].AsInt64(), t[i + 2].AsInt64()).AsInt32();
-            u[i + 2] = Avx512F.UnpackLow(t[i + 1].AsInt64(), t[i + 3].AsInt64()).AsInt32();
-            u[i + 3] = Avx512F.UnpackHigh(t[i + 1].AsInt64(), t[i + 3].AsInt64()).AsInt32();
-        }
-        // u[4q + c] lane group g: rows 4q..4q+3 of column 4g + c.
-        for (int c = 0; c < 4; c++)
-        {
-            Vector512<int> a = u[c], b = u[4 + c], e = u[8 + c], f = u[12 + c];
-            Vector512<int> abLow = Avx512F.Shuffle4x128(a, b, 0x44), abHigh = Avx512F.Shuffle4x128(a, b, 0xEE);
-            Vector512<int> efLow = Avx512F.Shuffle4x128(e, f, 0x44), efHigh = Avx512F.Shuffle4x128(e, f, 0xEE);
-            destination[c] = Avx512F.Shuffle4x128(abLow, efLow, 0x88);
-            destination[4 + c] = Avx512F.Shuffle4x128(abLow, efLow, 0xDD);
-            destination[8 + c] = Avx512F.Shuffle4x128(abHigh, efHigh, 0x88);
-            destination[12 + c] = Avx512F.Shuffle4x128(abHigh, efHigh, 0xDD);
-        }
+        // Rows interleaved in pairs (32-bit), then in fours (64-bit): u[4q + c], 128-bit lane g, holds rows 4q..4q+3 of
+        // column 4g + c; then the 128-bit lanes are gathered, as in PackedGemm.Transpose16.
+        Vector512<int> t0 = Avx512F.UnpackLow(source[0], source[1]), t1 = Avx512F.UnpackHigh(source[0], source[1]);
+        Vector512<int> t2 = Avx512F.UnpackLow(source[2], source[3]), t3 = Avx512F.UnpackHigh(source[2], source[3]);
+        Vector512<int> u0 = Avx512F.UnpackLow(t0.AsInt64(), t2.AsInt64()).AsInt32(), u1 = Avx512F.UnpackHigh(t0.AsInt64(), t2.AsInt64()).AsInt32();
+        Vector512<int> u2 = Avx512F.UnpackLow(t1.AsInt64(), t3.AsInt64()).AsInt32(), u3 = Avx512F.UnpackHigh(t1.AsInt64(), t3.AsInt64()).AsInt32();
+        Vector512<int> t4 = Avx512F.UnpackLow(source[4], source[5]), t5 = Avx512F.UnpackHigh(source[4], source[5]);
+        Vector512<int> t6 = Avx512F.UnpackLow(source[6], source[7]), t7 = Avx512F.UnpackHigh(source[6], source[7]);
+        Vector512<int> u4 = Avx512F.UnpackLow(t4.AsInt64(), t6.AsInt64()).AsInt32(), u5 = Avx512F.UnpackHigh(t4.AsInt64(), t6.AsInt64()).AsInt32();
+        Vector512<int> u6 = Avx512F.UnpackLow(t5.AsInt64(), t7.AsInt64()).AsInt32(), u7 = Avx512F.UnpackHigh(t5.AsInt64(), t7.AsInt64()).AsInt32();
+        Vector512<int> t8 = Avx512F.UnpackLow(source[8], source[9]), t9 = Avx512F.UnpackHigh(source[8], source[9]);
+        Vector512<int> t10 = Avx512F.UnpackLow(source[10], source[11]), t11 = Avx512F.UnpackHigh(source[10], source[11]);
+        Vector512<int> u8 = Avx512F.UnpackLow(t8.AsInt64(), t10.AsInt64()).AsInt32(), u9 = Avx512F.UnpackHigh(t8.AsInt64(), t10.AsInt64()).AsInt32();
+        Vector512<int> u10 = Avx512F.UnpackLow(t9.AsInt64(), t11.AsInt64()).AsInt32(), u11 = Avx512F.UnpackHigh(t9.AsInt64(), t11.AsInt64()).AsInt32();
+        Vector512<int> t12 = Avx512F.UnpackLow(source[12], source[13]), t13 = Avx512F.UnpackHigh(source[12], source[13]);
+        Vector512<int> t14 = Avx512F.UnpackLow(source[14], source[15]), t15 = Avx512F.UnpackHigh(source[14], source[15]);
+        Vector512<int> u12 = Avx512F.UnpackLow(t12.AsInt64(), t14.AsInt64()).AsInt32(), u13 = Avx512F.UnpackHigh(t12.AsInt64(), t14.AsInt64()).AsInt32();
+        Vector512<int> u14 = Avx512F.UnpackLow(t13.AsInt64(), t15.AsInt64()).AsInt32(), u15 = Avx512F.UnpackHigh(t13.AsInt64(), t15.AsInt64()).AsInt32();
+        GatherLanes(u0, u4, u8, u12, destination + 0);
+        GatherLanes(u1, u5, u9, u13, destination + 1);
+        GatherLanes(u2, u6, u10, u14, destination + 2);
+        GatherLanes(u3, u7, u11, u15, destination + 3);
+    }
+
+    /// <summary>destination[0], [4], [8], [12]: 128-bit lane g of each from lane g of a, b, c, d in turn.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void GatherLanes(Vector512<int> a, Vector512<int> b, Vector512<int> c, Vector512<int> d, Vector512<int>* destination)
+    {
+        Vector512<int> abLow = Avx512F.Shuffle4x128(a, b, 0x44), abHigh = Avx512F.Shuffle4x128(a, b, 0xEE);
+        Vector512<int> cdLow = Avx512F.Shuffle4x128(c, d, 0x44), cdHigh = Avx512F.Shuffle4x128(c, d, 0xEE);
+        destination[0] = Avx512F.Shuffle4x128(abLow, cdLow, 0x88);
+        destination[4] = Avx512F.Shuffle4x128(abLow, cdLow, 0xDD);
+        destination[8] = Avx512F.Shuffle4x128(abHigh, cdHigh, 0x88);
+        destination[12] = Avx512F.Shuffle4x128(abHigh, cdHigh, 0xDD);
     }
 
     /// <summary>
