@@ -36,8 +36,6 @@ internal static unsafe class QuantCompare
         ("lm_head", 2048, 65536),
     ];
 
-    private static string? s_only;
-
     public static int Run(string[] args)
     {
         bool gemm = args.Contains("gemm") || !args.Contains("gemv");
@@ -54,20 +52,19 @@ internal static unsafe class QuantCompare
             if (args[i] == "--shape") only = args[i + 1];
         }
         KernelThreading.MaxThreads = threads;
-        s_only = only;
         Console.WriteLine($"# quantized kernels, {threads} threads each, {Environment.ProcessorCount} CPUs, load average {LoadAverage()}; " +
                           $"int8-activation path: {IntegerGemm.BestInt8}, int16-activation path: {IntegerGemm.BestInt16} (None: the kernel runs the panels)");
         int failures = 0;
         if (gemm)
             foreach (int rows in rowCounts)
-                failures += Gemm(rows, runs);
+                failures += Gemm(rows, runs, only);
         if (gemv)
             failures += Gemv(runs);
         Console.WriteLine($"# load average after: {LoadAverage()}");
         return failures == 0 ? 0 : 1;
     }
 
-    private static int Gemm(int rows, int runs)
+    private static int Gemm(int rows, int runs, string? only)
     {
         Console.WriteLine();
         Console.WriteLine($"## GEMM, M = {rows}: ms (median), speed-up over bf16 MatMul, GFLOP/s (2·M·K·N / time), rms error vs the fp32 product relative to its rms");
@@ -75,7 +72,7 @@ internal static unsafe class QuantCompare
         Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var (name, k, n) in GemmShapes)
         {
-            if (s_only != null && !name.Contains(s_only, StringComparison.Ordinal))
+            if (only != null && !name.Contains(only, StringComparison.Ordinal))
                 continue;
             using var x = new NativeBuffer((long)rows * k).FillUniform(1, 1f);
             using var w32 = new NativeBuffer((long)n * k).FillUniform(2, 1f / MathF.Sqrt(k));
