@@ -7,7 +7,7 @@ public static class Program
     /// <summary>
     /// <c>compare [substring...]</c>: quick Stopwatch table of ours vs ONNX Runtime per kernel;
     /// <c>components [checkpoint] [--vision-layers N] [--text-layers N] [--prompt T] [--runs R]</c>: whole SigLIP and Gemma layers;
-    /// <c>quant [gemm] [gemv] [--rows M,...] [--runs R]</c>: q8/nf4 prefill kernels vs bf16, GEMV vs ORT's MatMulNBits;
+    /// <c>quant [gemm] [gemv] [--rows M,...] [--runs R] [--threads T] [--shape NAME]</c>: q8/nf4 prefill kernels vs bf16, GEMV vs ORT's MatMulNBits;
     /// anything else goes to BenchmarkDotNet
     /// (e.g. <c>--filter '*MatMul*' --job short</c>).
     /// </summary>

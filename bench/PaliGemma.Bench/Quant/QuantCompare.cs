@@ -9,8 +9,10 @@ using PaliGemma.CpuOnly.Tensors;
 namespace PaliGemma.Bench.Quant;
 
 /// <summary>
-/// <c>quant [gemm] [gemv] [--rows M[,M...]] [--runs R]</c>: the quantized kernels side by side, one random fp32 matrix
-/// per shape quantized every way, Stopwatch medians over R rounds (default 5) of alternating blocks of calls, 2 threads each.
+/// <c>quant [gemm] [gemv] [--rows M[,M...]] [--runs R] [--threads T] [--shape NAME]</c>: the quantized kernels side by
+/// side, one random fp32 matrix per shape quantized every way, Stopwatch medians over R rounds (default 5) of alternating
+/// blocks of calls, T threads each (default 2; with 1 the calls are timed by the thread's CPU time); --shape keeps the
+/// shapes whose name contains NAME.
 /// <list type="bullet">
 /// <item><c>gemm</c>: M x rows (default 256) through bf16 <see cref="MatMul"/> and q8 on each prefill kernel
 /// (dequantized panels, int16 activations, int8 activations where the CPU has VNNI), with each one's error against
@@ -25,7 +27,7 @@ internal static unsafe class QuantCompare
     private static readonly (string Name, int K, int N)[] GemmShapes =
     [
         ("gemma.q", 2048, 2048), ("gemma.kv", 2048, 256), ("gemma.up", 2048, 16384), ("gemma.down", 16384, 2048),
-        ("siglip.fc1", 1152, 4304), ("siglip.fc2", 4304, 1152),
+        ("siglip.fc1", 1152, 4304), ("siglip.fc2", 4304, 1152), ("siglip.qkvo", 1152, 1152),
     ];
 
     private static readonly (string Name, int K, int N)[] GemvShapes =
@@ -40,32 +42,38 @@ internal static unsafe class QuantCompare
         bool gemv = args.Contains("gemv") || !args.Contains("gemm");
         int[] rowCounts = [256];
         int runs = 5;
+        int threads = OrtRunner.Threads;
+        string? only = null;
         for (int i = 0; i < args.Length - 1; i++)
         {
             if (args[i] == "--rows") rowCounts = args[i + 1].Split(',').Select(s => int.Parse(s, CultureInfo.InvariantCulture)).ToArray();
             if (args[i] == "--runs") runs = int.Parse(args[i + 1], CultureInfo.InvariantCulture);
+            if (args[i] == "--threads") threads = int.Parse(args[i + 1], CultureInfo.InvariantCulture);
+            if (args[i] == "--shape") only = args[i + 1];
         }
-        KernelThreading.MaxThreads = OrtRunner.Threads;
-        Console.WriteLine($"# quantized kernels, {OrtRunner.Threads} threads each, {Environment.ProcessorCount} CPUs, load average {LoadAverage()}; " +
+        KernelThreading.MaxThreads = threads;
+        Console.WriteLine($"# quantized kernels, {threads} threads each, {Environment.ProcessorCount} CPUs, load average {LoadAverage()}; " +
                           $"int8-activation path: {IntegerGemm.BestInt8}, int16-activation path: {IntegerGemm.BestInt16} (None: the kernel runs the panels)");
         int failures = 0;
         if (gemm)
             foreach (int rows in rowCounts)
-                failures += Gemm(rows, runs);
+                failures += Gemm(rows, runs, only);
         if (gemv)
             failures += Gemv(runs);
         Console.WriteLine($"# load average after: {LoadAverage()}");
         return failures == 0 ? 0 : 1;
     }
 
-    private static int Gemm(int rows, int runs)
+    private static int Gemm(int rows, int runs, string? only)
     {
         Console.WriteLine();
-        Console.WriteLine($"## GEMM, M = {rows}: ms (median), speed-up over bf16 MatMul, rms error vs the fp32 product relative to its rms");
-        Console.WriteLine("| shape | bf16 | q8 panels | q8 int16 act | q8 int8 act | int16 / bf16 | int8 / bf16 | int16 / panels | err bf16 | err panels | err int16 | err int8 |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        Console.WriteLine($"## GEMM, M = {rows}: ms (median), speed-up over bf16 MatMul, GFLOP/s (2·M·K·N / time), rms error vs the fp32 product relative to its rms");
+        Console.WriteLine("| shape | bf16 | q8 panels | q8 int16 act | q8 int8 act | int16 / bf16 | int8 / bf16 | int16 / panels | GFLOP/s bf16 / int16 | err bf16 | err panels | err int16 | err int8 |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var (name, k, n) in GemmShapes)
         {
+            if (only != null && !name.Contains(only, StringComparison.Ordinal))
+                continue;
             using var x = new NativeBuffer((long)rows * k).FillUniform(1, 1f);
             using var w32 = new NativeBuffer((long)n * k).FillUniform(2, 1f / MathF.Sqrt(k));
             using var reference = new NativeBuffer((long)rows * n);
@@ -92,10 +100,11 @@ internal static unsafe class QuantCompare
                 })).ToArray();
                 // Errors from one run each; the int8 kernel is the int16 one on CPUs without VNNI.
                 var errors = actions.Select(action => { action(); return RmsRelativeError(y.Span, reference.Span); }).ToArray();
-                double[] ms = TimeAlternating(actions, runs, 3);
+                // One thread: timed by the thread's CPU time, which time slices lost to other processes do not inflate.
+                double[] ms = KernelThreading.MaxThreads == 1 ? ThreadCpuAlternating(actions, runs, 3) : TimeAlternating(actions, runs, 3);
                 QuantMatMul.PrefillKernel = QuantPrefillKernel.Auto;
                 Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                    $"| {name} {k}x{n} | {ms[0]:F2} | {ms[1]:F2} | {ms[2]:F2} | {ms[3]:F2} | {ms[0] / ms[2]:F2}x | {ms[0] / ms[3]:F2}x | {ms[1] / ms[2]:F2}x | {errors[0]:0.0e+0} | {errors[1]:0.0e+0} | {errors[2]:0.0e+0} | {errors[3]:0.0e+0} |"));
+                    $"| {name} {k}x{n} | {ms[0]:F2} | {ms[1]:F2} | {ms[2]:F2} | {ms[3]:F2} | {ms[0] / ms[2]:F2}x | {ms[0] / ms[3]:F2}x | {ms[1] / ms[2]:F2}x | {2.0 * rows * k * n / ms[0] / 1e6:F0} / {2.0 * rows * k * n / ms[2] / 1e6:F0} | {errors[0]:0.0e+0} | {errors[1]:0.0e+0} | {errors[2]:0.0e+0} | {errors[3]:0.0e+0} |"));
             }
         }
         return 0;
@@ -222,6 +231,40 @@ internal static unsafe class QuantCompare
                     long start = Stopwatch.GetTimestamp();
                     actions[i]();
                     times[i].Add(Stopwatch.GetElapsedTime(start).TotalMilliseconds);
+                }
+            }
+        }
+        return times.Select(Median).ToArray();
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct TimeSpec { public long Seconds; public long Nanoseconds; }
+
+    [DllImport("libc", EntryPoint = "clock_gettime")]
+    private static extern int ClockGetTime(int clock, out TimeSpec time);
+
+    /// <summary>CPU time of the calling thread in ms (Linux CLOCK_THREAD_CPUTIME_ID): time lost to other processes is not counted.</summary>
+    private static double ThreadCpuMs()
+    {
+        ClockGetTime(3, out TimeSpec t);
+        return t.Seconds * 1e3 + t.Nanoseconds / 1e6;
+    }
+
+    /// <summary>As <see cref="TimeAlternating"/> on one thread, timing each call by the thread's CPU time.</summary>
+    private static double[] ThreadCpuAlternating(Action[] actions, int rounds, int block)
+    {
+        foreach (var action in actions)
+            for (int call = 0; call < 30; call++) action();
+        var times = actions.Select(_ => new List<double>()).ToArray();
+        for (int round = 0; round < rounds; round++)
+        {
+            for (int i = 0; i < actions.Length; i++)
+            {
+                for (int call = 0; call < block; call++)
+                {
+                    double start = ThreadCpuMs();
+                    actions[i]();
+                    times[i].Add(ThreadCpuMs() - start);
                 }
             }
         }

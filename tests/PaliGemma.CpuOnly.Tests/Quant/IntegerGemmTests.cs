@@ -22,6 +22,21 @@ public static class IntegerGemmArbitraries
         from range in Gen.Elements(1e-3f, 1f, 30f)
         from seed in Gen.Choose(0, int.MaxValue)
         select new IntegerGemmCase(rows, k, n, bias, cap, range, seed));
+
+    // Several K chunks (32 blocks each), several 64-row W tiles, rows past one or two 32-row micro-kernels.
+    public static Arbitrary<IntegerGemmCase> TallCases() => Arb.From(
+        from rows in Gen.Choose(17, 75)
+        from k in Gen.Choose(1000, 2200)
+        from n in Gen.Choose(60, 150)
+        from bias in Gen.Elements(true, false)
+        from cap in Gen.Elements(0f, 0f, 5f)
+        from seed in Gen.Choose(0, int.MaxValue)
+        select new IntegerGemmCase(rows, k, n, bias, cap, 2f, seed));
+}
+
+public static class TallIntegerGemmArbitraries
+{
+    public static Arbitrary<IntegerGemmCase> Cases() => IntegerGemmArbitraries.TallCases();
 }
 
 /// <summary>
@@ -131,6 +146,47 @@ public sealed unsafe class IntegerGemmTests
                 else
                     Assert.True(Math.Abs(expected[i] - actual[i]) <= 2e-6f * c.SoftCap, $"{path}: y[{i / c.N}, {i % c.N}] = {actual[i]}, model {expected[i]}");
             }
+        }
+    }
+
+    [Property(Arbitrary = [typeof(TallIntegerGemmArbitraries)], MaxTest = 8)]
+    public void Tall_shapes_with_several_chunks_and_tiles_equal_the_scalar_model(IntegerGemmCase c) =>
+        Every_integer_path_equals_the_scalar_model_of_the_same_math(c);
+
+    /// <summary>
+    /// The int32 bound: one block sums 32 products of |x code| ≤ 32767 (int16 paths; 127 for VNNI) and |W code| ≤ 128
+    /// (a q8 file may hold -128 even though the quantizer writes ±127), so |dot| ≤ 32 · 32767 · 128 = 134,213,632
+    /// &lt; 2^31 - 1, and every vpmaddwd pair sum ≤ 2 · 32767 · 128 fits too (only -32768 · -32768 pairs could
+    /// overflow it, and x codes stop at ±32767). Each block's sum is converted to fp32 before the next block starts, so
+    /// no int32 holds more than one block. Here every code sits at its extreme with one sign per row, over 20 blocks:
+    /// an int32 kept across 16 or more of them would wrap, and the result must be the exact product.
+    /// </summary>
+    [Fact]
+    public void Extreme_codes_do_not_overflow_the_int32_block_sums()
+    {
+        int rows = 40, k = 640, n = 70;
+        var w = QuantizedMatrix.Allocate(QuantFormat.Q8, n, k, DType.F32);
+        var codeOfRow = new int[n];
+        for (int r = 0; r < n; r++)
+        {
+            codeOfRow[r] = (r % 3) switch { 0 => -128, 1 => 127, _ => -127 };
+            w.RowBlocks(r).Fill((byte)(sbyte)codeOfRow[r]);
+            Span<byte> scaleBytes = w.RowScaleBytes(r);
+            for (int b = 0; b < w.BlocksPerRow; b++) BitConverter.TryWriteBytes(scaleBytes[(b * 4)..], 1f);
+        }
+        // Each x row is +1 or -1 throughout: all codes ±L with scale 1/L.
+        var x = new float[rows * k];
+        for (int m = 0; m < rows; m++) Array.Fill(x, m % 2 == 0 ? 1f : -1f, m * k, k);
+        foreach (var path in SupportedPaths())
+        {
+            float[] y = Run(path, x, rows, w, [], 0f);
+            for (int m = 0; m < rows; m++)
+                for (int r = 0; r < n; r++)
+                {
+                    double exact = (m % 2 == 0 ? 1.0 : -1.0) * k * codeOfRow[r];
+                    Assert.True(Math.Abs(y[m * n + r] - exact) <= 1e-5 * Math.Abs(exact), $"{path}: y[{m}, {r}] = {y[m * n + r]}, exact {exact}");
+                }
+            Assert.Equal(ScalarReference(path, x, rows, k, w, [], 0f), y);
         }
     }
 
