@@ -10,23 +10,23 @@ using PaliGemma.CpuOnly.Kernels;
 namespace PaliGemma.Bench;
 
 /// <summary>
-/// <c>stream [gemv case...] [--rounds R] [--mb M]</c>: memory streaming side by side in one process. Every round runs, in
-/// turn, each GEMV of ours, the same GEMV in ONNX Runtime, and a few plain read patterns over an anonymous M MB buffer
-/// (2 threads of their own), each after a short pause and as 3 back-to-back calls of which the last 2 are kept. The table
+/// <c>stream [gemv case...] [--rounds R] [--mb M] [--pause MS]</c>: memory streaming side by side in one process. Every
+/// round runs, in turn, each GEMV of ours, the same GEMV in ONNX Runtime, and a few plain read patterns over an anonymous
+/// M MB buffer (2 threads of their own), each after a pause (default 20 ms; ORT's workers spin on for a while after a
+/// call) and as 3 back-to-back calls of which the last 2 are kept. The table
 /// gives medians and upper quartiles in GB/s: the host's bandwidth drifts, so only numbers from the same rounds compare.
 /// </summary>
 internal static unsafe class StreamCompare
 {
-    private const int PauseMs = 20;
-
     public static int Run(string[] args)
     {
-        int rounds = 15;
+        int rounds = 15, pauseMs = 20;
         long megabytes = 256;
         var names = new List<string>();
         for (int i = 0; i < args.Length; i++)
         {
             if (args[i] == "--rounds") rounds = int.Parse(args[++i], CultureInfo.InvariantCulture);
+            else if (args[i] == "--pause") pauseMs = int.Parse(args[++i], CultureInfo.InvariantCulture);
             else if (args[i] == "--mb") megabytes = long.Parse(args[++i], CultureInfo.InvariantCulture);
             else names.Add(args[i]);
         }
@@ -51,14 +51,14 @@ internal static unsafe class StreamCompare
         foreach (var (label, pattern) in new (string, Pattern)[] { ("plain", Pattern.Plain), ("prefetch t0 8 KB", Pattern.PrefetchT0), ("prefetch nta 256 B", Pattern.PrefetchNta), ("4 streams/thread", Pattern.FourStreams) })
             items.Add(($"read {label}", bytes, () => readers.Run(pattern)));
 
-        Console.WriteLine($"# stream: {rounds} rounds, {OrtRunner.Threads} threads each, read buffer {megabytes} MB, load average {File.ReadAllText("/proc/loadavg").Trim()}");
+        Console.WriteLine($"# stream: {rounds} rounds, pause {pauseMs} ms, {OrtRunner.Threads} threads each, read buffer {megabytes} MB, load average {File.ReadAllText("/proc/loadavg").Trim()}");
         var results = items.Select(_ => new List<double>()).ToList();
         foreach (var item in items) { item.Call(); item.Call(); }
         for (int round = 0; round < rounds; round++)
         {
             for (int i = 0; i < items.Count; i++)
             {
-                Thread.Sleep(PauseMs);
+                Thread.Sleep(pauseMs);
                 items[i].Call();
                 for (int c = 0; c < 2; c++)
                 {
