@@ -191,7 +191,9 @@ internal static unsafe class Gemv
             // Three x rows run the four-row kernel with the last row repeated (its results are dropped).
             nint xLast = (nint)(rows == 3 ? 2 : rows - 1) * k;
             int count = n1 - n0;
-            int laneRows = (count + GroupRows - 1) / GroupRows;
+            // An odd lane length keeps the lanes from starting a power of two apart (2048-wide bf16 rows are 4 KB, and a
+            // chunk of 2^k rows would put all four lanes in the same cache sets); the last lanes may come out short.
+            int laneRows = ((count + GroupRows - 1) / GroupRows) | 1;
             byte* first = problem.W + n0 * rowBytes;
             // Each lane's first lines, which no earlier row prefetched.
             for (int lane = 0; lane < GroupRows; lane++)
