@@ -9,25 +9,21 @@ namespace PaliGemma.CpuOnly.Kernels;
 /// <summary>
 /// y = x·Wᵀ + b for 1 to <see cref="MaxRows"/> x rows (decode). Every weight is used once per call, so the kernel is
 /// built to stream W at memory speed rather than to reuse it: the rows are cut into a few long contiguous runs per
-/// thread; one x row reads each run as a single sequential stream whose every line is prefetched in software a fixed
-/// distance ahead (the hardware prefetchers stop at each 4 KB page, and a 2048-wide bf16 row is exactly one page);
-/// several x rows, or one too long to stay in L1, read four W rows side by side (each x load then feeds four rows),
-/// each row's stream prefetched ahead likewise. bf16 weights are widened two vectors per 64-byte load (a shift for the
-/// even elements, a mask for the odd ones) against an x permuted once per call to match.
+/// thread, and each run into four lanes (contiguous quarters) that are read side by side, one row of each lane per
+/// step. A core then keeps four long sequential streams in flight, which measured faster than one stream (prefetched or
+/// not) on the same bytes; every line of each lane is also prefetched in software a short distance ahead, running on
+/// into the lane's next row (the hardware prefetchers stop at each 4 KB page). Every x load feeds four W rows and every
+/// W load 1-4 x rows. bf16 weights are widened two vectors per 64-byte load (a shift for the even elements, a mask for
+/// the odd ones) against an x permuted once per call to match.
 /// </summary>
 internal static unsafe class Gemv
 {
     public const int MaxRows = 4;
-    // W rows read side by side when several x rows share them (so every W load feeds 2-4 x rows and every x load 4 W rows).
+    // Lanes read side by side (so every x load feeds four W rows).
     private const int GroupRows = 4;
-    // One x row: each thread reads its W rows as one sequential stream, every line prefetched this far ahead (measured
-    // best of 2-32 KB here; a shorter lead leaves each new page to a demand miss, a longer one overruns the L1).
-    private const int StreamPrefetchBytes = 8192;
-    // Several x rows, or one too long to stay in L1 beside the stream: four W rows are read side by side, each prefetched
-    // this far ahead (8 KB in flight in all), so an x load from L2 feeds four rows instead of one.
-    private const int GroupPrefetchBytes = 2048;
-    // One x row longer than this many floats (16 KB) goes through the four-row kernel.
-    private const int StreamMaxK = 4096;
+    // How far ahead of each lane's position its lines are prefetched (8 KB in flight in all). Measured on Zen 5 against
+    // 1 and 4 KB, and against one 8 KB-prefetched stream per thread: 2 KB per lane was as fast or faster in every case.
+    private const int LanePrefetchBytes = 2048;
     // Work items per thread: long contiguous runs, but enough of them that a thread the OS delays does not hold the rest up.
     private const int ChunksPerThread = 4;
     private const long MinChunkBytes = 64 << 10;
@@ -170,61 +166,70 @@ internal static unsafe class Gemv
         {
             int n0 = (int)((long)groups * item / chunks) * GroupRows;
             int n1 = Math.Min(problem.N, (int)((long)groups * (item + 1) / chunks) * GroupRows);
-            int k = problem.K, rows = problem.Rows;
-            nint rowBytes = (nint)k * TPairs.ElementSize;
-            float* y = problem.Y, bias = problem.Bias;
-            if (rows == 1 && k <= StreamMaxK)
-            {
-                byte* w = problem.W + n0 * rowBytes;
-                // The stream's first lines, which no earlier row prefetched.
-                for (nint offset = 0; offset < StreamPrefetchBytes; offset += 64)
-                    Prefetch(w + offset);
-                for (int n = n0; n < n1; n++, w += rowBytes)
-                {
-                    float s = Dot(problem.X, xPaired, k, w);
-                    y[n] = bias == null ? s : s + bias[n];
-                }
-            }
-            else
-            {
-                float* sums = stackalloc float[MaxRows * GroupRows];
-                // Three x rows run the four-row kernel with the last row repeated (its results are dropped).
-                nint xLast = (nint)(rows == 3 ? 2 : rows - 1) * k;
-                for (int n = n0; n < n1; n += GroupRows)
-                {
-                    int valid = Math.Min(GroupRows, n1 - n);
-                    byte* w0 = problem.W + n * rowBytes;
-                    // A short last group repeats its last row; the repeats are read from cache and their sums dropped.
-                    nint step1 = valid > 1 ? rowBytes : 0, step2 = valid > 2 ? 2 * rowBytes : step1, step3 = valid > 3 ? 3 * rowBytes : step2;
-                    var group = new Group(w0, w0 + step1, w0 + step2, w0 + step3, rowBytes);
-                    if (rows == 1)
-                        Dot1x4(problem.X, xPaired, k, group, sums);
-                    else if (rows == 2)
-                        Dot2(problem.X, xPaired, k, group, sums);
-                    else
-                        Dot4(problem.X, xPaired, k, xLast, group, sums);
-                    for (int r = 0; r < rows; r++)
-                    {
-                        float* yRow = y + (nint)r * problem.N + n;
-                        for (int c = 0; c < valid; c++)
-                            yRow[c] = bias == null ? sums[r * GroupRows + c] : sums[r * GroupRows + c] + bias[n + c];
-                    }
-                }
-            }
+            RunLanes(n0, n1);
             if (problem.SoftCap > 0f)
             {
-                for (int r = 0; r < rows; r++)
+                for (int r = 0; r < problem.Rows; r++)
                 {
-                    var part = new Span<float>(y + (nint)r * problem.N + n0, n1 - n0);
+                    var part = new Span<float>(problem.Y + (nint)r * problem.N + n0, n1 - n0);
                     Activations.SoftCap(part, part, problem.SoftCap);
                 }
             }
         }
 
-        private readonly struct Group(byte* w0, byte* w1, byte* w2, byte* w3, nint rowBytes)
+        /// <summary>
+        /// Rows n0..n1 as four lanes, each a contiguous quarter of them: a step reads one row of every lane side by side,
+        /// so a thread keeps four long sequential streams going (more lines in flight than one stream gets, measured), and
+        /// each lane's prefetch runs on into its own next row.
+        /// </summary>
+        private void RunLanes(int n0, int n1)
+        {
+            int k = problem.K, rows = problem.Rows;
+            nint rowBytes = (nint)k * TPairs.ElementSize;
+            float* y = problem.Y, bias = problem.Bias;
+            float* sums = stackalloc float[MaxRows * GroupRows];
+            // Three x rows run the four-row kernel with the last row repeated (its results are dropped).
+            nint xLast = (nint)(rows == 3 ? 2 : rows - 1) * k;
+            int count = n1 - n0;
+            // An odd lane length keeps the lanes from starting a power of two apart (2048-wide bf16 rows are 4 KB, and a
+            // chunk of 2^k rows would put all four lanes in the same cache sets); the last lanes may come out short.
+            int laneRows = ((count + GroupRows - 1) / GroupRows) | 1;
+            byte* first = problem.W + n0 * rowBytes;
+            // Each lane's first lines, which no earlier row prefetched.
+            for (int lane = 0; lane < GroupRows; lane++)
+                for (nint offset = 0; offset < LanePrefetchBytes; offset += 64)
+                    Prefetch(first + lane * laneRows * rowBytes + offset);
+            for (int t = 0; t < laneRows; t++)
+            {
+                // Lane runs only get shorter, so the lanes that still have row t are the first ones; the others repeat
+                // the last of them (read from cache, sums dropped).
+                int valid = Math.Min(GroupRows, (count - t + laneRows - 1) / laneRows);
+                byte* w0 = first + t * rowBytes;
+                nint laneBytes = laneRows * rowBytes;
+                nint step1 = valid > 1 ? laneBytes : 0, step2 = valid > 2 ? 2 * laneBytes : step1, step3 = valid > 3 ? 3 * laneBytes : step2;
+                var group = new Group(w0, w0 + step1, w0 + step2, w0 + step3);
+                if (rows == 1)
+                    Dot1x4(problem.X, xPaired, k, group, sums);
+                else if (rows == 2)
+                    Dot2(problem.X, xPaired, k, group, sums);
+                else
+                    Dot4(problem.X, xPaired, k, xLast, group, sums);
+                for (int r = 0; r < rows; r++)
+                {
+                    float* yRow = y + (nint)r * problem.N + n0 + t;
+                    for (int c = 0; c < valid; c++)
+                    {
+                        int n = n0 + t + c * laneRows;
+                        yRow[c * laneRows] = bias == null ? sums[r * GroupRows + c] : sums[r * GroupRows + c] + bias[n];
+                    }
+                }
+            }
+        }
+
+        /// <summary>The current W row of each lane.</summary>
+        private readonly struct Group(byte* w0, byte* w1, byte* w2, byte* w3)
         {
             public readonly byte* W0 = w0, W1 = w1, W2 = w2, W3 = w3;
-            public readonly nint RowBytes = rowBytes;
         }
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -251,87 +256,30 @@ internal static unsafe class Gemv
             }
         }
 
-        // Offsets (in elements) where each row's prefetch position leaves the row: from there on it runs through the
-        // same row of the next group, three rows further on, so every stream keeps the same lead across groups.
-        [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static nint PrefetchSplit(int pairedK, nint rowBytes) =>
-            Math.Clamp((rowBytes - GroupPrefetchBytes) / TPairs.ElementSize, 0, pairedK);
-
-        /// <summary>One x row against one W row; the W stream is prefetched <see cref="StreamPrefetchBytes"/> ahead, into the rows that follow.</summary>
-        private static float Dot(float* x, float* xp, int k, byte* w)
-        {
-            int pair = 2 * TOps.Count;
-            int pairedK = k - k % pair;
-            int blockBytes = 4 * pair * TPairs.ElementSize;
-            TVec e0 = TOps.Zero, e1 = TOps.Zero, e2 = TOps.Zero, e3 = TOps.Zero;
-            TVec o0 = TOps.Zero, o1 = TOps.Zero, o2 = TOps.Zero, o3 = TOps.Zero;
-            nint i = 0;
-            byte* ahead = w + StreamPrefetchBytes;
-            for (; i + 4 * pair <= pairedK; i += 4 * pair)
-            {
-                // One prefetch per 64-byte line of the block (a block is 64-512 bytes, depending on width and format).
-                byte* p = ahead + i * TPairs.ElementSize;
-                Prefetch(p);
-                if (blockBytes > 64) Prefetch(p + 64);
-                if (blockBytes > 128) { Prefetch(p + 128); Prefetch(p + 192); }
-                if (blockBytes > 256) { Prefetch(p + 256); Prefetch(p + 320); Prefetch(p + 384); Prefetch(p + 448); }
-                TPairs.Load<TOps, TVec>(w, i, out TVec v, out TVec u);
-                e0 = TOps.MultiplyAdd(TOps.Load(xp + i), v, e0);
-                o0 = TOps.MultiplyAdd(TOps.Load(xp + i + TOps.Count), u, o0);
-                TPairs.Load<TOps, TVec>(w, i + pair, out v, out u);
-                e1 = TOps.MultiplyAdd(TOps.Load(xp + i + pair), v, e1);
-                o1 = TOps.MultiplyAdd(TOps.Load(xp + i + pair + TOps.Count), u, o1);
-                TPairs.Load<TOps, TVec>(w, i + 2 * pair, out v, out u);
-                e2 = TOps.MultiplyAdd(TOps.Load(xp + i + 2 * pair), v, e2);
-                o2 = TOps.MultiplyAdd(TOps.Load(xp + i + 2 * pair + TOps.Count), u, o2);
-                TPairs.Load<TOps, TVec>(w, i + 3 * pair, out v, out u);
-                e3 = TOps.MultiplyAdd(TOps.Load(xp + i + 3 * pair), v, e3);
-                o3 = TOps.MultiplyAdd(TOps.Load(xp + i + 3 * pair + TOps.Count), u, o3);
-            }
-            for (; i < pairedK; i += pair)
-            {
-                TPairs.Load<TOps, TVec>(w, i, out TVec v, out TVec u);
-                e0 = TOps.MultiplyAdd(TOps.Load(xp + i), v, e0);
-                o0 = TOps.MultiplyAdd(TOps.Load(xp + i + TOps.Count), u, o0);
-            }
-            float s = TOps.Sum(TOps.Add(TOps.Add(TOps.Add(e0, e1), TOps.Add(e2, e3)), TOps.Add(TOps.Add(o0, o1), TOps.Add(o2, o3))));
-            for (; i < k; i++)
-                s += x[i] * TPairs.LoadScalar(w, i);
-            return s;
-        }
-
         private static void Dot1x4(float* x, float* xp, int k, in Group g, float* sums)
         {
             int pair = 2 * TOps.Count;
             int pairedK = k - k % pair;
             byte* w0 = g.W0, w1 = g.W1, w2 = g.W2, w3 = g.W3;
-            nint rowBytes = g.RowBytes;
             TVec e0 = TOps.Zero, e1 = TOps.Zero, e2 = TOps.Zero, e3 = TOps.Zero;
             TVec o0 = TOps.Zero, o1 = TOps.Zero, o2 = TOps.Zero, o3 = TOps.Zero;
             nint i = 0;
-            nint split = PrefetchSplit(pairedK, rowBytes);
-            nint ahead = GroupPrefetchBytes;
-            for (int phase = 0; phase < 2; phase++)
+            for (; i < pairedK; i += pair)
             {
-                nint end = phase == 0 ? split : pairedK;
-                for (; i < end; i += pair)
-                {
-                    PrefetchGroup(w0, w1, w2, w3, ahead + i * TPairs.ElementSize);
-                    TVec xe = TOps.Load(xp + i), xo = TOps.Load(xp + i + TOps.Count);
-                    TPairs.Load<TOps, TVec>(w0, i, out TVec v, out TVec u);
-                    e0 = TOps.MultiplyAdd(xe, v, e0);
-                    o0 = TOps.MultiplyAdd(xo, u, o0);
-                    TPairs.Load<TOps, TVec>(w1, i, out v, out u);
-                    e1 = TOps.MultiplyAdd(xe, v, e1);
-                    o1 = TOps.MultiplyAdd(xo, u, o1);
-                    TPairs.Load<TOps, TVec>(w2, i, out v, out u);
-                    e2 = TOps.MultiplyAdd(xe, v, e2);
-                    o2 = TOps.MultiplyAdd(xo, u, o2);
-                    TPairs.Load<TOps, TVec>(w3, i, out v, out u);
-                    e3 = TOps.MultiplyAdd(xe, v, e3);
-                    o3 = TOps.MultiplyAdd(xo, u, o3);
-                }
-                ahead += 3 * rowBytes;
+                PrefetchGroup(w0, w1, w2, w3, LanePrefetchBytes + i * TPairs.ElementSize);
+                TVec xe = TOps.Load(xp + i), xo = TOps.Load(xp + i + TOps.Count);
+                TPairs.Load<TOps, TVec>(w0, i, out TVec v, out TVec u);
+                e0 = TOps.MultiplyAdd(xe, v, e0);
+                o0 = TOps.MultiplyAdd(xo, u, o0);
+                TPairs.Load<TOps, TVec>(w1, i, out v, out u);
+                e1 = TOps.MultiplyAdd(xe, v, e1);
+                o1 = TOps.MultiplyAdd(xo, u, o1);
+                TPairs.Load<TOps, TVec>(w2, i, out v, out u);
+                e2 = TOps.MultiplyAdd(xe, v, e2);
+                o2 = TOps.MultiplyAdd(xo, u, o2);
+                TPairs.Load<TOps, TVec>(w3, i, out v, out u);
+                e3 = TOps.MultiplyAdd(xe, v, e3);
+                o3 = TOps.MultiplyAdd(xo, u, o3);
             }
             float s0 = TOps.Sum(TOps.Add(e0, o0)), s1 = TOps.Sum(TOps.Add(e1, o1));
             float s2 = TOps.Sum(TOps.Add(e2, o2)), s3 = TOps.Sum(TOps.Add(e3, o3));
@@ -354,28 +302,20 @@ internal static unsafe class Gemv
             TVec a0 = TOps.Zero, a1 = TOps.Zero, a2 = TOps.Zero, a3 = TOps.Zero;
             TVec b0 = TOps.Zero, b1 = TOps.Zero, b2 = TOps.Zero, b3 = TOps.Zero;
             byte* w0 = g.W0, w1 = g.W1, w2 = g.W2, w3 = g.W3;
-            nint rowBytes = g.RowBytes;
             nint i = 0;
-            nint split = PrefetchSplit(pairedK, rowBytes);
-            nint ahead = GroupPrefetchBytes;
-            for (int phase = 0; phase < 2; phase++)
+            for (; i < pairedK; i += pair)
             {
-                nint end = phase == 0 ? split : pairedK;
-                for (; i < end; i += pair)
-                {
-                    PrefetchGroup(w0, w1, w2, w3, ahead + i * TPairs.ElementSize);
-                    TVec xe = TOps.Load(xp + i), xo = TOps.Load(xp + i + TOps.Count);
-                    TVec ye = TOps.Load(xp1 + i), yo = TOps.Load(xp1 + i + TOps.Count);
-                    TPairs.Load<TOps, TVec>(w0, i, out TVec v, out TVec u);
-                    a0 = TOps.MultiplyAdd(xe, v, a0); a0 = TOps.MultiplyAdd(xo, u, a0); b0 = TOps.MultiplyAdd(ye, v, b0); b0 = TOps.MultiplyAdd(yo, u, b0);
-                    TPairs.Load<TOps, TVec>(w1, i, out v, out u);
-                    a1 = TOps.MultiplyAdd(xe, v, a1); a1 = TOps.MultiplyAdd(xo, u, a1); b1 = TOps.MultiplyAdd(ye, v, b1); b1 = TOps.MultiplyAdd(yo, u, b1);
-                    TPairs.Load<TOps, TVec>(w2, i, out v, out u);
-                    a2 = TOps.MultiplyAdd(xe, v, a2); a2 = TOps.MultiplyAdd(xo, u, a2); b2 = TOps.MultiplyAdd(ye, v, b2); b2 = TOps.MultiplyAdd(yo, u, b2);
-                    TPairs.Load<TOps, TVec>(w3, i, out v, out u);
-                    a3 = TOps.MultiplyAdd(xe, v, a3); a3 = TOps.MultiplyAdd(xo, u, a3); b3 = TOps.MultiplyAdd(ye, v, b3); b3 = TOps.MultiplyAdd(yo, u, b3);
-                }
-                ahead += 3 * rowBytes;
+                PrefetchGroup(w0, w1, w2, w3, LanePrefetchBytes + i * TPairs.ElementSize);
+                TVec xe = TOps.Load(xp + i), xo = TOps.Load(xp + i + TOps.Count);
+                TVec ye = TOps.Load(xp1 + i), yo = TOps.Load(xp1 + i + TOps.Count);
+                TPairs.Load<TOps, TVec>(w0, i, out TVec v, out TVec u);
+                a0 = TOps.MultiplyAdd(xe, v, a0); a0 = TOps.MultiplyAdd(xo, u, a0); b0 = TOps.MultiplyAdd(ye, v, b0); b0 = TOps.MultiplyAdd(yo, u, b0);
+                TPairs.Load<TOps, TVec>(w1, i, out v, out u);
+                a1 = TOps.MultiplyAdd(xe, v, a1); a1 = TOps.MultiplyAdd(xo, u, a1); b1 = TOps.MultiplyAdd(ye, v, b1); b1 = TOps.MultiplyAdd(yo, u, b1);
+                TPairs.Load<TOps, TVec>(w2, i, out v, out u);
+                a2 = TOps.MultiplyAdd(xe, v, a2); a2 = TOps.MultiplyAdd(xo, u, a2); b2 = TOps.MultiplyAdd(ye, v, b2); b2 = TOps.MultiplyAdd(yo, u, b2);
+                TPairs.Load<TOps, TVec>(w3, i, out v, out u);
+                a3 = TOps.MultiplyAdd(xe, v, a3); a3 = TOps.MultiplyAdd(xo, u, a3); b3 = TOps.MultiplyAdd(ye, v, b3); b3 = TOps.MultiplyAdd(yo, u, b3);
             }
             float s0 = TOps.Sum(a0), s1 = TOps.Sum(a1), s2 = TOps.Sum(a2), s3 = TOps.Sum(a3);
             float t0 = TOps.Sum(b0), t1 = TOps.Sum(b1), t2 = TOps.Sum(b2), t3 = TOps.Sum(b3);
@@ -401,34 +341,26 @@ internal static unsafe class Gemv
             TVec a20 = TOps.Zero, a21 = TOps.Zero, a22 = TOps.Zero, a23 = TOps.Zero;
             TVec a30 = TOps.Zero, a31 = TOps.Zero, a32 = TOps.Zero, a33 = TOps.Zero;
             byte* w0 = g.W0, w1 = g.W1, w2 = g.W2, w3 = g.W3;
-            nint rowBytes = g.RowBytes;
             nint i = 0;
-            nint split = PrefetchSplit(pairedK, rowBytes);
-            nint ahead = GroupPrefetchBytes;
-            for (int phase = 0; phase < 2; phase++)
+            for (; i < pairedK; i += pair)
             {
-                nint end = phase == 0 ? split : pairedK;
-                for (; i < end; i += pair)
-                {
-                    PrefetchGroup(w0, w1, w2, w3, ahead + i * TPairs.ElementSize);
-                    TPairs.Load<TOps, TVec>(w0, i, out TVec v0, out TVec u0);
-                    TPairs.Load<TOps, TVec>(w1, i, out TVec v1, out TVec u1);
-                    TPairs.Load<TOps, TVec>(w2, i, out TVec v2, out TVec u2);
-                    TPairs.Load<TOps, TVec>(w3, i, out TVec v3, out TVec u3);
-                    TVec xe = TOps.Load(xp + i), xo = TOps.Load(xp + i + TOps.Count);
-                    a00 = TOps.MultiplyAdd(xe, v0, a00); a00 = TOps.MultiplyAdd(xo, u0, a00); a01 = TOps.MultiplyAdd(xe, v1, a01); a01 = TOps.MultiplyAdd(xo, u1, a01);
-                    a02 = TOps.MultiplyAdd(xe, v2, a02); a02 = TOps.MultiplyAdd(xo, u2, a02); a03 = TOps.MultiplyAdd(xe, v3, a03); a03 = TOps.MultiplyAdd(xo, u3, a03);
-                    xe = TOps.Load(xp1 + i); xo = TOps.Load(xp1 + i + TOps.Count);
-                    a10 = TOps.MultiplyAdd(xe, v0, a10); a10 = TOps.MultiplyAdd(xo, u0, a10); a11 = TOps.MultiplyAdd(xe, v1, a11); a11 = TOps.MultiplyAdd(xo, u1, a11);
-                    a12 = TOps.MultiplyAdd(xe, v2, a12); a12 = TOps.MultiplyAdd(xo, u2, a12); a13 = TOps.MultiplyAdd(xe, v3, a13); a13 = TOps.MultiplyAdd(xo, u3, a13);
-                    xe = TOps.Load(xp2 + i); xo = TOps.Load(xp2 + i + TOps.Count);
-                    a20 = TOps.MultiplyAdd(xe, v0, a20); a20 = TOps.MultiplyAdd(xo, u0, a20); a21 = TOps.MultiplyAdd(xe, v1, a21); a21 = TOps.MultiplyAdd(xo, u1, a21);
-                    a22 = TOps.MultiplyAdd(xe, v2, a22); a22 = TOps.MultiplyAdd(xo, u2, a22); a23 = TOps.MultiplyAdd(xe, v3, a23); a23 = TOps.MultiplyAdd(xo, u3, a23);
-                    xe = TOps.Load(xp3 + i); xo = TOps.Load(xp3 + i + TOps.Count);
-                    a30 = TOps.MultiplyAdd(xe, v0, a30); a30 = TOps.MultiplyAdd(xo, u0, a30); a31 = TOps.MultiplyAdd(xe, v1, a31); a31 = TOps.MultiplyAdd(xo, u1, a31);
-                    a32 = TOps.MultiplyAdd(xe, v2, a32); a32 = TOps.MultiplyAdd(xo, u2, a32); a33 = TOps.MultiplyAdd(xe, v3, a33); a33 = TOps.MultiplyAdd(xo, u3, a33);
-                }
-                ahead += 3 * rowBytes;
+                PrefetchGroup(w0, w1, w2, w3, LanePrefetchBytes + i * TPairs.ElementSize);
+                TPairs.Load<TOps, TVec>(w0, i, out TVec v0, out TVec u0);
+                TPairs.Load<TOps, TVec>(w1, i, out TVec v1, out TVec u1);
+                TPairs.Load<TOps, TVec>(w2, i, out TVec v2, out TVec u2);
+                TPairs.Load<TOps, TVec>(w3, i, out TVec v3, out TVec u3);
+                TVec xe = TOps.Load(xp + i), xo = TOps.Load(xp + i + TOps.Count);
+                a00 = TOps.MultiplyAdd(xe, v0, a00); a00 = TOps.MultiplyAdd(xo, u0, a00); a01 = TOps.MultiplyAdd(xe, v1, a01); a01 = TOps.MultiplyAdd(xo, u1, a01);
+                a02 = TOps.MultiplyAdd(xe, v2, a02); a02 = TOps.MultiplyAdd(xo, u2, a02); a03 = TOps.MultiplyAdd(xe, v3, a03); a03 = TOps.MultiplyAdd(xo, u3, a03);
+                xe = TOps.Load(xp1 + i); xo = TOps.Load(xp1 + i + TOps.Count);
+                a10 = TOps.MultiplyAdd(xe, v0, a10); a10 = TOps.MultiplyAdd(xo, u0, a10); a11 = TOps.MultiplyAdd(xe, v1, a11); a11 = TOps.MultiplyAdd(xo, u1, a11);
+                a12 = TOps.MultiplyAdd(xe, v2, a12); a12 = TOps.MultiplyAdd(xo, u2, a12); a13 = TOps.MultiplyAdd(xe, v3, a13); a13 = TOps.MultiplyAdd(xo, u3, a13);
+                xe = TOps.Load(xp2 + i); xo = TOps.Load(xp2 + i + TOps.Count);
+                a20 = TOps.MultiplyAdd(xe, v0, a20); a20 = TOps.MultiplyAdd(xo, u0, a20); a21 = TOps.MultiplyAdd(xe, v1, a21); a21 = TOps.MultiplyAdd(xo, u1, a21);
+                a22 = TOps.MultiplyAdd(xe, v2, a22); a22 = TOps.MultiplyAdd(xo, u2, a22); a23 = TOps.MultiplyAdd(xe, v3, a23); a23 = TOps.MultiplyAdd(xo, u3, a23);
+                xe = TOps.Load(xp3 + i); xo = TOps.Load(xp3 + i + TOps.Count);
+                a30 = TOps.MultiplyAdd(xe, v0, a30); a30 = TOps.MultiplyAdd(xo, u0, a30); a31 = TOps.MultiplyAdd(xe, v1, a31); a31 = TOps.MultiplyAdd(xo, u1, a31);
+                a32 = TOps.MultiplyAdd(xe, v2, a32); a32 = TOps.MultiplyAdd(xo, u2, a32); a33 = TOps.MultiplyAdd(xe, v3, a33); a33 = TOps.MultiplyAdd(xo, u3, a33);
             }
             sums[0] = TOps.Sum(a00); sums[1] = TOps.Sum(a01); sums[2] = TOps.Sum(a02); sums[3] = TOps.Sum(a03);
             sums[4] = TOps.Sum(a10); sums[5] = TOps.Sum(a11); sums[6] = TOps.Sum(a12); sums[7] = TOps.Sum(a13);
