@@ -155,14 +155,12 @@ public static unsafe class QuantMatMul
     // The calling thread's permuted copy of x for the one-token nf4 kernel (pinned, reused: no allocation per token).
     [ThreadStatic] private static float[]? t_nf4X;
 
-    // How far ahead the one-token kernels prefetch: the hardware prefetcher alone does not follow four short row streams
-    // that start afresh every pass (measured: q8 15 -> 26 GB/s and nf4 12 -> 22 GB/s on one thread). Consecutive rows:
-    // the pass after next; q8 lanes: 4 KB on in each lane (2 KB measured no better).
+    // How far ahead (in passes of 4 W rows) the one-token kernels prefetch: the hardware prefetcher alone does not follow
+    // four short row streams that start afresh every pass (measured: q8 15 -> 26 GB/s and nf4 12 -> 22 GB/s on one thread).
     private const int PrefetchPasses = 2;
-    private const int LanePrefetchBytes = 4096;
     /// <summary>
-    /// W rows per work item for one token: long items keep q8's four lanes long and the passes without prefetch (the last
-    /// ones of an item) few, about four items per thread keep the threads balanced when one of them is slowed down. A multiple of 4.
+    /// W rows per work item for one token: long items keep the passes without prefetch (the first two of an item) few,
+    /// about four items per thread keep the threads balanced when one of them is slowed down. A multiple of 4.
     /// </summary>
     internal static int OneTokenRowsPerItem(int rows) => Math.Clamp(rows / (4 * KernelThreading.MaxThreads) / 4 * 4, 64, 512);
 
@@ -180,35 +178,21 @@ public static unsafe class QuantMatMul
             int n = n0;
             if (rows == 1 && path == GemvPath.Vector512)
             {
-                // One token: four W rows per pass share every x load (x of a long K row lives in L2, not L1).
-                // q8 takes the four rows from four lanes, contiguous quarters of the item read side by side: one core
-                // streams memory fastest from about four independent sequential streams. An odd lane length keeps the
-                // lanes from starting a power-of-two multiple of the row size apart (same cache sets); each lane is
-                // prefetched a fixed distance ahead, running on into its next row. nf4 (measured no faster with lanes)
-                // and q8's rows past its lanes take four consecutive rows per pass, prefetching the pass after next
-                // within this item (the next item may be another thread's).
+                // One token: four W rows per pass share every x load (x of a long K row lives in L2, not L1), and the
+                // rows of the pass after next are prefetched (within this item: the next item may be another thread's).
                 long rowBytes = (long)blocks * 32;
+                byte* end = w.Blocks + (long)n1 * rowBytes;
                 Span<float> sums = stackalloc float[4];
-                int lane = 0;
-                if (w.Format == QuantFormat.Q8)
+                for (; n + 4 <= n1; n += 4)
                 {
-                    lane = (n1 - n0) / 4;
-                    if ((lane & 1) == 0 && lane > 0)
-                        lane--;
-                }
-                for (int i = 0; i < lane; i++)
-                {
-                    int r0 = n0 + i, r1 = r0 + lane, r2 = r1 + lane, r3 = r2 + lane;
-                    FourRows(w, blocks, rowBytes, r0, r1, r2, r3, scaleBuffer, LanePrefetchBytes, sums);
-                    Store(y + r0, sums[0] + (bias == null ? 0f : bias[r0]), softCap);
-                    Store(y + r1, sums[1] + (bias == null ? 0f : bias[r1]), softCap);
-                    Store(y + r2, sums[2] + (bias == null ? 0f : bias[r2]), softCap);
-                    Store(y + r3, sums[3] + (bias == null ? 0f : bias[r3]), softCap);
-                }
-                for (n = n0 + 4 * lane; n + 4 <= n1; n += 4)
-                {
-                    nint ahead = n + (PrefetchPasses + 1) * 4 <= n1 ? (nint)(PrefetchPasses * 4 * rowBytes) : 0;
-                    FourRows(w, blocks, rowBytes, n, n + 1, n + 2, n + 3, scaleBuffer, ahead, sums);
+                    byte* codes = w.Blocks + (long)n * rowBytes;
+                    float* scales = WidenScales(w, (long)n * blocks, 4 * blocks, scaleBuffer);
+                    byte* ahead = codes + PrefetchPasses * 4 * rowBytes;
+                    if (ahead + 4 * rowBytes > end) ahead = null;
+                    if (w.Format == QuantFormat.Q8)
+                        DotQ8FourRowsVector512(codes, scales, blocks, x, ahead, sums);
+                    else
+                        DotNf4FourRowsVector512(codes, scales, blocks, x, nf4X, ahead, sums);
                     for (int r = 0; r < 4; r++)
                         Store(y + n + r, sums[r] + (bias == null ? 0f : bias[n + r]), softCap);
                 }
@@ -251,21 +235,6 @@ public static unsafe class QuantMatMul
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static void Store(float* target, float value, float cap) => *target = cap > 0f ? cap * MathF.Tanh(value / cap) : value;
-
-        /// <summary>Rows r0-r3 against x by the one-token kernel; each row's scales (fp16 ones widened into its quarter of <paramref name="scaleBuffer"/>).</summary>
-        [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private readonly void FourRows(QuantizedMatrix w, int blocks, long rowBytes, int r0, int r1, int r2, int r3, float* scaleBuffer, nint prefetch, Span<float> sums)
-        {
-            byte* q0 = w.Blocks + r0 * rowBytes, q1 = w.Blocks + r1 * rowBytes, q2 = w.Blocks + r2 * rowBytes, q3 = w.Blocks + r3 * rowBytes;
-            float* c0 = WidenScales(w, (long)r0 * blocks, blocks, scaleBuffer);
-            float* c1 = WidenScales(w, (long)r1 * blocks, blocks, scaleBuffer + blocks);
-            float* c2 = WidenScales(w, (long)r2 * blocks, blocks, scaleBuffer + 2 * blocks);
-            float* c3 = WidenScales(w, (long)r3 * blocks, blocks, scaleBuffer + 3 * blocks);
-            if (w.Format == QuantFormat.Q8)
-                DotQ8FourRowsVector512(q0, q1, q2, q3, c0, c1, c2, c3, blocks, x, prefetch, sums);
-            else
-                DotNf4FourRowsVector512(q0, q1, q2, q3, c0, c1, c2, c3, blocks, x, nf4X, prefetch, sums);
-        }
     }
 
     /// <summary>
@@ -389,26 +358,23 @@ public static unsafe class QuantMatMul
         s0 = Vector512.Sum(a0); s1 = Vector512.Sum(a1); s2 = Vector512.Sum(a2); s3 = Vector512.Sum(a3);
     }
 
-    /// <summary>
-    /// Four W rows (codes <paramref name="r0"/>-<paramref name="r3"/>, fp32 scales <paramref name="c0"/>-<paramref name="c3"/>)
-    /// by one token; with <paramref name="prefetch"/> &gt; 0 each row's line that far ahead is prefetched (prefetches never fault).
-    /// </summary>
-    private static void DotQ8FourRowsVector512(byte* r0, byte* r1, byte* r2, byte* r3, float* c0, float* c1, float* c2, float* c3,
-        int blocks, float* x, nint prefetch, Span<float> sums)
+    private static void DotQ8FourRowsVector512(byte* codes, float* scales, int blocks, float* x, byte* ahead, Span<float> sums)
     {
-        sbyte* q0 = (sbyte*)r0, q1 = (sbyte*)r1, q2 = (sbyte*)r2, q3 = (sbyte*)r3;
+        nint rowBytes = (nint)blocks * 32;
+        sbyte* q0 = (sbyte*)codes, q1 = q0 + rowBytes, q2 = q1 + rowBytes, q3 = q2 + rowBytes;
+        float* c0 = scales, c1 = c0 + blocks, c2 = c1 + blocks, c3 = c2 + blocks;
         Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
         int b = 0;
-        if (prefetch > 0)
+        if (ahead != null)
         {
-            // Two blocks (one 64-byte line) of each row per step, and that row's line `prefetch` bytes on.
+            // Two blocks of four rows (256 bytes) per step, and 256 bytes of the pass after next: it is all in cache by then.
             for (; b + 2 <= blocks; b += 2)
             {
                 int o = b * 32;
-                Sse.Prefetch0(r0 + o + prefetch);
-                Sse.Prefetch0(r1 + o + prefetch);
-                Sse.Prefetch0(r2 + o + prefetch);
-                Sse.Prefetch0(r3 + o + prefetch);
+                Sse.Prefetch0(ahead + 4 * o);
+                Sse.Prefetch0(ahead + 4 * o + 64);
+                Sse.Prefetch0(ahead + 4 * o + 128);
+                Sse.Prefetch0(ahead + 4 * o + 192);
                 Q8FourRows(q0, q1, q2, q3, c0, c1, c2, c3, x, b, ref a0, ref a1, ref a2, ref a3);
                 Q8FourRows(q0, q1, q2, q3, c0, c1, c2, c3, x, b + 1, ref a0, ref a1, ref a2, ref a3);
             }
@@ -445,21 +411,23 @@ public static unsafe class QuantMatMul
     /// lanes 0-7 belong to the first block and 8-15 to the second, so each row's pair sum is scaled by a vector holding
     /// both blocks' scales. A last odd block runs the per-block kernel on plain x.
     /// </summary>
-    private static void DotNf4FourRowsVector512(byte* q0, byte* q1, byte* q2, byte* q3, float* c0, float* c1, float* c2, float* c3,
-        int blocks, float* x, float* permutedX, nint prefetch, Span<float> sums)
+    private static void DotNf4FourRowsVector512(byte* codes, float* scales, int blocks, float* x, float* permutedX, byte* ahead, Span<float> sums)
     {
+        nint rowBytes = (nint)blocks * 32;
+        byte* q0 = codes, q1 = q0 + rowBytes, q2 = q1 + rowBytes, q3 = q2 + rowBytes;
+        float* c0 = scales, c1 = c0 + blocks, c2 = c1 + blocks, c3 = c2 + blocks;
         Vector512<float> table = Vector512.Create(Quantizer.Nf4Codes);
         Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
         int b = 0;
         for (; b + 2 <= blocks; b += 2)
         {
             int o = b * 32;
-            if (prefetch > 0)
+            if (ahead != null)
             {
-                Sse.Prefetch0(q0 + o + prefetch);
-                Sse.Prefetch0(q1 + o + prefetch);
-                Sse.Prefetch0(q2 + o + prefetch);
-                Sse.Prefetch0(q3 + o + prefetch);
+                Sse.Prefetch0(ahead + 4 * o);
+                Sse.Prefetch0(ahead + 4 * o + 64);
+                Sse.Prefetch0(ahead + 4 * o + 128);
+                Sse.Prefetch0(ahead + 4 * o + 192);
             }
             float* xp = permutedX + b * 64;
             a0 = Vector512.FusedMultiplyAdd(Nf4Pair(table, q0 + o, xp), PairScales(c0 + b), a0);

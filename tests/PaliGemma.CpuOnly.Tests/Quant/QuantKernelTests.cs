@@ -192,10 +192,10 @@ public sealed unsafe class QuantKernelTests
         if (Avx512F.IsSupported && Avx512BW.IsSupported) Check(c, QuantMatMul.GemvPath.Vector512);
     }
 
-    // One token over several work items whose row counts are not multiples of 4 or 16: q8's four lanes of odd length per
-    // item, the rows left past them, lanes whose prefetch runs past the item's and the matrix's last row; nf4's passes.
+    // One token over several work items whose row counts are not multiples of 4 or 16: the four-row passes of each item,
+    // their prefetch stopping at the item's end, the rows left past them, and a last short item.
     [Property(MaxTest = 40)]
-    public void Avx512_one_token_gemv_reads_uneven_lanes_across_items(bool nf4, bool fp32Scales, bool bias, byte kSeed, ushort nSeed, int seed)
+    public void Avx512_one_token_gemv_covers_uneven_items(bool nf4, bool fp32Scales, bool bias, byte kSeed, ushort nSeed, int seed)
     {
         if (!Avx512F.IsSupported || !Avx512BW.IsSupported)
             return;
