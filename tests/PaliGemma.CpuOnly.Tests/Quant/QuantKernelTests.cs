@@ -192,6 +192,19 @@ public sealed unsafe class QuantKernelTests
         if (Avx512F.IsSupported && Avx512BW.IsSupported) Check(c, QuantMatMul.GemvPath.Vector512);
     }
 
+    // One token over several work items whose row counts are not multiples of 4 or 16: the four-row passes of each item,
+    // their prefetch stopping at the item's end, the rows left past them, and a last short item.
+    [Property(MaxTest = 40)]
+    public void Avx512_one_token_gemv_covers_uneven_items(bool nf4, bool fp32Scales, bool bias, byte kSeed, ushort nSeed, int seed)
+    {
+        if (!Avx512F.IsSupported || !Avx512BW.IsSupported)
+            return;
+        int k = 1 + kSeed % 200, n = 65 + nSeed % 700;
+        var c = new QuantMatMulCase(nf4 ? QuantFormat.Nf4 : QuantFormat.Q8, 1, k, n, bias, SoftCap: 0f, seed, fp32Scales ? DType.F32 : DType.F16);
+        Assert.True(n > QuantMatMul.OneTokenRowsPerItem(n)); // several items
+        Check(c, QuantMatMul.GemvPath.Vector512);
+    }
+
     // Large enough for the parallel GEMV, several panels and the MatMul K blocks.
     [Theory]
     [InlineData(QuantFormat.Q8, 1, 2100, 300)]
