@@ -304,6 +304,7 @@ internal static unsafe class PackedGemm
             }
         }
 
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Run(int item)
         {
             int panelRows = PanelRows;
@@ -405,6 +406,7 @@ internal static unsafe class PackedGemm
         }
 
         /// <summary>sums[12 W rows][2 vectors of x rows] (+)= x panel · W micro-panel over <paramref name="depth"/> K elements.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private static void Kernel2(float* x, float* w, int depth, float* sums, nint sumStride, bool accumulate)
         {
             TVec a0 = TOps.Zero, a1 = TOps.Zero, a2 = TOps.Zero, a3 = TOps.Zero, a4 = TOps.Zero, a5 = TOps.Zero;
@@ -452,6 +454,7 @@ internal static unsafe class PackedGemm
         private static bool SplitTile => X86Base.IsSupported && (!Avx512F.IsSupported || typeof(TOps) == typeof(Simd128));
 
         /// <summary>As <see cref="Kernel2"/> for 6 W rows: 12 accumulators, for CPUs with 16 vector registers.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private static void Kernel2Half(float* x, float* w, int depth, float* sums, nint sumStride, bool accumulate)
         {
             TVec a0 = TOps.Zero, a1 = TOps.Zero, a2 = TOps.Zero, a3 = TOps.Zero, a4 = TOps.Zero, a5 = TOps.Zero;
@@ -478,6 +481,7 @@ internal static unsafe class PackedGemm
         }
 
         /// <summary>As <see cref="Kernel2"/> for a last panel whose second vector holds only padding.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private static void Kernel1(float* x, float* w, int depth, float* sums, nint sumStride, bool accumulate)
         {
             TVec a0 = TOps.Zero, a1 = TOps.Zero, a2 = TOps.Zero, a3 = TOps.Zero, a4 = TOps.Zero, a5 = TOps.Zero;
