@@ -181,35 +181,29 @@ internal static unsafe class PackedGemm
     }
 
     /// <summary>
-    /// destination row c = column c of the 16 x 16 block at <paramref name="source"/> (rows <paramref name="sourceStride"/>
-    /// floats apart), plus <paramref name="add"/>; destination rows are <paramref name="destinationStride"/> floats apart.
+    /// destination row c = column c of the 16 x 16 block of 32-bit values at <paramref name="source"/> (rows
+    /// <paramref name="sourceStride"/> floats apart); destination rows are <paramref name="destinationStride"/> floats
+    /// apart. Data movement only, so any 32-bit values (the Quant library's int16 code pairs too) come out bit for bit.
     /// </summary>
-    internal static void Transpose16(float* source, nint sourceStride, float* destination, nint destinationStride, Vector512<float> add)
+    internal static void Transpose16(float* source, nint sourceStride, float* destination, nint destinationStride) =>
+        Transpose16(source, sourceStride, destination, destinationStride, default, addVector: false);
+
+    /// <summary>As the overload above, with <paramref name="add"/> added to every destination row (a bias along the row).</summary>
+    internal static void Transpose16(float* source, nint sourceStride, float* destination, nint destinationStride, Vector512<float> add) =>
+        Transpose16(source, sourceStride, destination, destinationStride, add, addVector: true);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Transpose16(float* source, nint sourceStride, float* destination, nint destinationStride, Vector512<float> add, bool addVector)
     {
         // Pairs of rows interleaved, then groups of 4 rows within each 128-bit lane, then the lanes themselves.
-        Vector512<float> t0 = Avx512F.UnpackLow(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        Vector512<float> t1 = Avx512F.UnpackHigh(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        source += 2 * sourceStride;
-        Vector512<float> t2 = Avx512F.UnpackLow(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        Vector512<float> t3 = Avx512F.UnpackHigh(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        source += 2 * sourceStride;
-        Vector512<float> t4 = Avx512F.UnpackLow(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        Vector512<float> t5 = Avx512F.UnpackHigh(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        source += 2 * sourceStride;
-        Vector512<float> t6 = Avx512F.UnpackLow(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        Vector512<float> t7 = Avx512F.UnpackHigh(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        source += 2 * sourceStride;
-        Vector512<float> t8 = Avx512F.UnpackLow(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        Vector512<float> t9 = Avx512F.UnpackHigh(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        source += 2 * sourceStride;
-        Vector512<float> t10 = Avx512F.UnpackLow(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        Vector512<float> t11 = Avx512F.UnpackHigh(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        source += 2 * sourceStride;
-        Vector512<float> t12 = Avx512F.UnpackLow(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        Vector512<float> t13 = Avx512F.UnpackHigh(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        source += 2 * sourceStride;
-        Vector512<float> t14 = Avx512F.UnpackLow(Vector512.Load(source), Vector512.Load(source + sourceStride));
-        Vector512<float> t15 = Avx512F.UnpackHigh(Vector512.Load(source), Vector512.Load(source + sourceStride));
+        var (t0, t1) = InterleaveRows(source, sourceStride);
+        var (t2, t3) = InterleaveRows(source + 2 * sourceStride, sourceStride);
+        var (t4, t5) = InterleaveRows(source + 4 * sourceStride, sourceStride);
+        var (t6, t7) = InterleaveRows(source + 6 * sourceStride, sourceStride);
+        var (t8, t9) = InterleaveRows(source + 8 * sourceStride, sourceStride);
+        var (t10, t11) = InterleaveRows(source + 10 * sourceStride, sourceStride);
+        var (t12, t13) = InterleaveRows(source + 12 * sourceStride, sourceStride);
+        var (t14, t15) = InterleaveRows(source + 14 * sourceStride, sourceStride);
 
         // u[4g + c], lane L: rows 4g..4g+3 of column 4L + c.
         Vector512<float> u0 = Avx512F.Shuffle(t0, t2, 0x44), u1 = Avx512F.Shuffle(t0, t2, 0xEE);
@@ -221,23 +215,37 @@ internal static unsafe class PackedGemm
         Vector512<float> u12 = Avx512F.Shuffle(t12, t14, 0x44), u13 = Avx512F.Shuffle(t12, t14, 0xEE);
         Vector512<float> u14 = Avx512F.Shuffle(t13, t15, 0x44), u15 = Avx512F.Shuffle(t13, t15, 0xEE);
 
-        LaneTranspose(u0, u4, u8, u12, destination, destinationStride, add);
-        LaneTranspose(u1, u5, u9, u13, destination + destinationStride, destinationStride, add);
-        LaneTranspose(u2, u6, u10, u14, destination + 2 * destinationStride, destinationStride, add);
-        LaneTranspose(u3, u7, u11, u15, destination + 3 * destinationStride, destinationStride, add);
+        LaneTranspose(u0, u4, u8, u12, destination, destinationStride, add, addVector);
+        LaneTranspose(u1, u5, u9, u13, destination + destinationStride, destinationStride, add, addVector);
+        LaneTranspose(u2, u6, u10, u14, destination + 2 * destinationStride, destinationStride, add, addVector);
+        LaneTranspose(u3, u7, u11, u15, destination + 3 * destinationStride, destinationStride, add, addVector);
+    }
+
+    /// <summary>Rows <paramref name="row"/> and the next one interleaved element by element (low and high halves of each 128-bit lane).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static (Vector512<float> Low, Vector512<float> High) InterleaveRows(float* row, nint stride)
+    {
+        Vector512<float> a = Vector512.Load(row), b = Vector512.Load(row + stride);
+        return (Avx512F.UnpackLow(a, b), Avx512F.UnpackHigh(a, b));
     }
 
     /// <summary>Output rows c, 4 + c, 8 + c, 12 + c: lane L of each from lane L of a, b, c, d in turn.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void LaneTranspose(Vector512<float> a, Vector512<float> b, Vector512<float> c, Vector512<float> d,
-        float* destination, nint destinationStride, Vector512<float> add)
+        float* destination, nint destinationStride, Vector512<float> add, bool addVector)
     {
         Vector512<float> abLow = Avx512F.Shuffle4x128(a, b, 0x44), abHigh = Avx512F.Shuffle4x128(a, b, 0xEE);
         Vector512<float> cdLow = Avx512F.Shuffle4x128(c, d, 0x44), cdHigh = Avx512F.Shuffle4x128(c, d, 0xEE);
-        (Avx512F.Shuffle4x128(abLow, cdLow, 0x88) + add).Store(destination);
-        (Avx512F.Shuffle4x128(abLow, cdLow, 0xDD) + add).Store(destination + 4 * destinationStride);
-        (Avx512F.Shuffle4x128(abHigh, cdHigh, 0x88) + add).Store(destination + 8 * destinationStride);
-        (Avx512F.Shuffle4x128(abHigh, cdHigh, 0xDD) + add).Store(destination + 12 * destinationStride);
+        Vector512<float> row0 = Avx512F.Shuffle4x128(abLow, cdLow, 0x88), row4 = Avx512F.Shuffle4x128(abLow, cdLow, 0xDD);
+        Vector512<float> row8 = Avx512F.Shuffle4x128(abHigh, cdHigh, 0x88), row12 = Avx512F.Shuffle4x128(abHigh, cdHigh, 0xDD);
+        if (addVector)
+        {
+            row0 += add; row4 += add; row8 += add; row12 += add;
+        }
+        row0.Store(destination);
+        row4.Store(destination + 4 * destinationStride);
+        row8.Store(destination + 8 * destinationStride);
+        row12.Store(destination + 12 * destinationStride);
     }
 
     private readonly struct PackRows<TOps, TVec, TRows>(Job<TOps, TVec, TRows> job) : IWorkItems
@@ -277,7 +285,7 @@ internal static unsafe class PackedGemm
                 for (int r = 0; r < vectorRows; r += 16)
                 {
                     for (int i = 0; i < vectorDepth; i += 16)
-                        Transpose16(x + (nint)(m0 + r) * k + k0 + i, k, block + (nint)i * panelRows + r, panelRows, Vector512<float>.Zero);
+                        Transpose16(x + (nint)(m0 + r) * k + k0 + i, k, block + (nint)i * panelRows + r, panelRows);
                 }
                 // The rest element by element, in chunks of K so that the part of the panel being written stays in L1.
                 const int Chunk = 64;

@@ -234,7 +234,7 @@ internal static unsafe class IntegerGemm
                     }
                     scales[lane] = QuantizeBlockInt16Vector512(source, out rowsOfBlock[lane]);
                 }
-                TransposeInt32(rowsOfBlock, (Vector512<int>*)activations.Codes(group, b));
+                PackedGemm.Transpose16((float*)rowsOfBlock, Lanes, (float*)activations.Codes(group, b), Lanes);
             }
         }
     }
@@ -263,45 +263,6 @@ internal static unsafe class IntegerGemm
         Vector512<int> q1 = Vector512.Clamp(Avx512F.ConvertToVector512Int32(v1 * inverse), -limit, limit);
         pairs = Vector512.Create(Avx512F.ConvertToVector256Int16(q0), Avx512F.ConvertToVector256Int16(q1)).AsInt32();
         return absMax / short.MaxValue;
-    }
-
-    /// <summary>destination[c] lane r = source[r] lane c for a 16 x 16 block of 32-bit values (data movement only).</summary>
-    private static void TransposeInt32(Vector512<int>* source, Vector512<int>* destination)
-    {
-        // Rows interleaved in pairs (32-bit), then in fours (64-bit): u[4q + c], 128-bit lane g, holds rows 4q..4q+3 of
-        // column 4g + c; then the 128-bit lanes are gathered, as in PackedGemm.Transpose16.
-        Vector512<int> t0 = Avx512F.UnpackLow(source[0], source[1]), t1 = Avx512F.UnpackHigh(source[0], source[1]);
-        Vector512<int> t2 = Avx512F.UnpackLow(source[2], source[3]), t3 = Avx512F.UnpackHigh(source[2], source[3]);
-        Vector512<int> u0 = Avx512F.UnpackLow(t0.AsInt64(), t2.AsInt64()).AsInt32(), u1 = Avx512F.UnpackHigh(t0.AsInt64(), t2.AsInt64()).AsInt32();
-        Vector512<int> u2 = Avx512F.UnpackLow(t1.AsInt64(), t3.AsInt64()).AsInt32(), u3 = Avx512F.UnpackHigh(t1.AsInt64(), t3.AsInt64()).AsInt32();
-        Vector512<int> t4 = Avx512F.UnpackLow(source[4], source[5]), t5 = Avx512F.UnpackHigh(source[4], source[5]);
-        Vector512<int> t6 = Avx512F.UnpackLow(source[6], source[7]), t7 = Avx512F.UnpackHigh(source[6], source[7]);
-        Vector512<int> u4 = Avx512F.UnpackLow(t4.AsInt64(), t6.AsInt64()).AsInt32(), u5 = Avx512F.UnpackHigh(t4.AsInt64(), t6.AsInt64()).AsInt32();
-        Vector512<int> u6 = Avx512F.UnpackLow(t5.AsInt64(), t7.AsInt64()).AsInt32(), u7 = Avx512F.UnpackHigh(t5.AsInt64(), t7.AsInt64()).AsInt32();
-        Vector512<int> t8 = Avx512F.UnpackLow(source[8], source[9]), t9 = Avx512F.UnpackHigh(source[8], source[9]);
-        Vector512<int> t10 = Avx512F.UnpackLow(source[10], source[11]), t11 = Avx512F.UnpackHigh(source[10], source[11]);
-        Vector512<int> u8 = Avx512F.UnpackLow(t8.AsInt64(), t10.AsInt64()).AsInt32(), u9 = Avx512F.UnpackHigh(t8.AsInt64(), t10.AsInt64()).AsInt32();
-        Vector512<int> u10 = Avx512F.UnpackLow(t9.AsInt64(), t11.AsInt64()).AsInt32(), u11 = Avx512F.UnpackHigh(t9.AsInt64(), t11.AsInt64()).AsInt32();
-        Vector512<int> t12 = Avx512F.UnpackLow(source[12], source[13]), t13 = Avx512F.UnpackHigh(source[12], source[13]);
-        Vector512<int> t14 = Avx512F.UnpackLow(source[14], source[15]), t15 = Avx512F.UnpackHigh(source[14], source[15]);
-        Vector512<int> u12 = Avx512F.UnpackLow(t12.AsInt64(), t14.AsInt64()).AsInt32(), u13 = Avx512F.UnpackHigh(t12.AsInt64(), t14.AsInt64()).AsInt32();
-        Vector512<int> u14 = Avx512F.UnpackLow(t13.AsInt64(), t15.AsInt64()).AsInt32(), u15 = Avx512F.UnpackHigh(t13.AsInt64(), t15.AsInt64()).AsInt32();
-        GatherLanes(u0, u4, u8, u12, destination + 0);
-        GatherLanes(u1, u5, u9, u13, destination + 1);
-        GatherLanes(u2, u6, u10, u14, destination + 2);
-        GatherLanes(u3, u7, u11, u15, destination + 3);
-    }
-
-    /// <summary>destination[0], [4], [8], [12]: 128-bit lane g of each from lane g of a, b, c, d in turn.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void GatherLanes(Vector512<int> a, Vector512<int> b, Vector512<int> c, Vector512<int> d, Vector512<int>* destination)
-    {
-        Vector512<int> abLow = Avx512F.Shuffle4x128(a, b, 0x44), abHigh = Avx512F.Shuffle4x128(a, b, 0xEE);
-        Vector512<int> cdLow = Avx512F.Shuffle4x128(c, d, 0x44), cdHigh = Avx512F.Shuffle4x128(c, d, 0xEE);
-        destination[0] = Avx512F.Shuffle4x128(abLow, cdLow, 0x88);
-        destination[4] = Avx512F.Shuffle4x128(abLow, cdLow, 0xDD);
-        destination[8] = Avx512F.Shuffle4x128(abHigh, cdHigh, 0x88);
-        destination[12] = Avx512F.Shuffle4x128(abHigh, cdHigh, 0xDD);
     }
 
     /// <summary>
