@@ -61,6 +61,8 @@ public readonly unsafe struct WeightMatrix : IMatrixOperand
 
     public long StreamedBytes => (long)Rows * Cols * DType.SizeOf();
 
+    public IReadOnlyList<MemoryRegion> StreamedRegions => [new MemoryRegion((nint)Data, StreamedBytes)];
+
     public void MultiplyOnHost(ReadOnlySpan<float> x, int rows, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap)
     {
         if (outputSoftCap > 0f) MatMul.Multiply(x, rows, this, bias, y, outputSoftCap);

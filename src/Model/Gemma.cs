@@ -96,26 +96,8 @@ public sealed class GemmaDecoder
     }
 
     /// <summary>The memory <see cref="DecodeWeightBytesPerToken"/> counts, matrix by matrix (for a read probe over the pages decode streams).</summary>
-    public unsafe IReadOnlyList<MemoryRegion> DecodeWeightRegions()
-    {
-        var regions = new List<MemoryRegion>();
-        void Add(IMatrixOperand operand)
-        {
-            if (operand is QuantizedMatrix q)
-            {
-                regions.Add(new MemoryRegion((nint)q.Blocks, q.BlockByteCount));
-                regions.Add(new MemoryRegion((nint)q.ScaleData, q.ScaleByteCount));
-            }
-            else if (operand is WeightMatrix w)
-            {
-                regions.Add(new MemoryRegion((nint)w.Data, w.StreamedBytes));
-            }
-        }
-        foreach (var linear in Linears)
-            Add(linear.Operand);
-        Add(LmHeadOperand);
-        return regions;
-    }
+    public IReadOnlyList<MemoryRegion> DecodeWeightRegions() =>
+        Linears.Select(linear => linear.Operand).Append(LmHeadOperand).SelectMany(operand => operand.StreamedRegions).ToList();
 
     /// <summary>Replaces the float embedding / LM head by a q8 copy (load-time quantization).</summary>
     internal void QuantizeEmbedding(ScaleSelection scales)

@@ -1,6 +1,7 @@
 using System.Numerics.Tensors;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using PaliGemma.CpuOnly.Kernels;
 using PaliGemma.CpuOnly.Kernels.Backends;
 using PaliGemma.CpuOnly.Tensors;
 
@@ -103,6 +104,8 @@ public sealed unsafe class QuantizedMatrix : IMatrixOperand
     public long ScaleByteCount => ScaleCount * ScaleType.SizeOf();
     /// <summary>Bytes a full pass over the matrix reads: codes plus scales.</summary>
     public long StreamedBytes => BlockByteCount + ScaleByteCount;
+    /// <summary>The codes, then the scales.</summary>
+    public IReadOnlyList<MemoryRegion> StreamedRegions => [new MemoryRegion((nint)Blocks, BlockByteCount), new MemoryRegion((nint)ScaleData, ScaleByteCount)];
 
     public Span<byte> RowBlocks(int row) => new(Blocks + (long)CheckRow(row) * BlocksPerRow * Format.BlockBytes(), BlocksPerRow * Format.BlockBytes());
     /// <summary>The raw <see cref="ScaleType"/> scales of <paramref name="row"/>.</summary>

@@ -80,6 +80,8 @@ public interface IMatrixOperand
     int Cols { get; }
     /// <summary>Bytes one full pass over the weight reads.</summary>
     long StreamedBytes { get; }
+    /// <summary>Where those bytes are: the memory one full pass reads, region by region (<see cref="StreamedBytes"/> in all).</summary>
+    IReadOnlyList<MemoryRegion> StreamedRegions { get; }
     /// <summary>y[rows, N] = x·Wᵀ + bias (then cap·tanh(y/cap) when <paramref name="outputSoftCap"/> &gt; 0), on the host.</summary>
     void MultiplyOnHost(ReadOnlySpan<float> x, int rows, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap);
 }

@@ -63,6 +63,7 @@ public sealed unsafe class IlgpuBackendTests(IlgpuFixture fixture)
         public int Rows => 2;
         public int Cols => 2;
         public long StreamedBytes => 16;
+        public IReadOnlyList<MemoryRegion> StreamedRegions => [];
         public void MultiplyOnHost(ReadOnlySpan<float> x, int rows, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap) { }
     }
 
