@@ -110,7 +110,7 @@ public static unsafe class Activations
         {
             TVec v = TOps.Load(x + i);
             TVec minusTwoU = TOps.Multiply(v, TOps.MultiplyAdd(TOps.Multiply(v, v), cubic, linear));
-            TVec result = TOps.Divide(v, TOps.Add(one, PolynomialExp.Exp(minusTwoU)));
+            TVec result = TOps.Divide(v, TOps.Add(one, TOps.Exp(minusTwoU)));
             if (up != null)
                 result = TOps.Multiply(result, TOps.Load(up + i));
             TOps.Store(result, y + i);

@@ -727,7 +727,7 @@ public static unsafe class Attention
             TVec total = TOps.Zero;
             for (int j = 0; j < keysPadded; j += n)
             {
-                TVec p = PolynomialExp.Exp(TOps.Subtract(TOps.Load(row + j), newMaxV));
+                TVec p = TOps.Exp(TOps.Subtract(TOps.Load(row + j), newMaxV));
                 TOps.Store(p, row + j);
                 total = TOps.Add(total, p);
             }

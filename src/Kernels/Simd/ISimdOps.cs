@@ -26,6 +26,7 @@ internal unsafe interface ISimdOps<TSelf, TVec>
     static abstract TVec MultiplyAdd(TVec left, TVec right, TVec addend);
     /// <summary>Lane-wise maximum without NaN/signed-zero fix-ups (inputs are ordinary numbers or -inf).</summary>
     static abstract TVec Max(TVec left, TVec right);
+    /// <summary>Lane-wise exp by <see cref="PolynomialExp"/> (about 2 ulp; 0 below its Low, +inf above its High).</summary>
     static abstract TVec Exp(TVec value);
     static abstract float Sum(TVec value);
     static abstract float MaxAcross(TVec value);

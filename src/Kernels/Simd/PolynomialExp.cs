@@ -23,33 +23,6 @@ internal static class PolynomialExp
     private const float P0 = 1.9875691500e-4f, P1 = 1.3981999507e-3f, P2 = 8.3334519073e-3f;
     private const float P3 = 4.1665795894e-2f, P4 = 1.6666665459e-1f, P5 = 5.0000001201e-1f;
 
-    /// <summary>Lane-wise exp of a vector of any width the kernels use (TVec is Vector512/256/128 of float, or float).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static TVec Exp<TVec>(TVec x) where TVec : unmanaged
-    {
-        if (typeof(TVec) == typeof(Vector512<float>))
-        {
-            var result = Exp(Unsafe.As<TVec, Vector512<float>>(ref x));
-            return Unsafe.As<Vector512<float>, TVec>(ref result);
-        }
-        if (typeof(TVec) == typeof(Vector256<float>))
-        {
-            var result = Exp(Unsafe.As<TVec, Vector256<float>>(ref x));
-            return Unsafe.As<Vector256<float>, TVec>(ref result);
-        }
-        if (typeof(TVec) == typeof(Vector128<float>))
-        {
-            var result = Exp(Unsafe.As<TVec, Vector128<float>>(ref x));
-            return Unsafe.As<Vector128<float>, TVec>(ref result);
-        }
-        if (typeof(TVec) == typeof(float))
-        {
-            float result = Exp(Unsafe.As<TVec, float>(ref x));
-            return Unsafe.As<float, TVec>(ref result);
-        }
-        throw new NotSupportedException($"no exp for {typeof(TVec)}");
-    }
-
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Exp(float x) => x < Low ? 0f : x > High ? float.PositiveInfinity : MathF.Exp(x);
 

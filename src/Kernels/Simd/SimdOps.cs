@@ -75,7 +75,7 @@ internal readonly unsafe struct Simd512 : ISimdOps<Simd512, Vector512<float>>
     public static Vector512<float> Max(Vector512<float> left, Vector512<float> right) => Vector512.MaxNative(left, right);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static Vector512<float> Exp(Vector512<float> value) => Vector512.Exp(value);
+    public static Vector512<float> Exp(Vector512<float> value) => PolynomialExp.Exp(value);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Sum(Vector512<float> value) => Vector512.Sum(value);
@@ -135,7 +135,7 @@ internal readonly unsafe struct Simd256 : ISimdOps<Simd256, Vector256<float>>
     public static Vector256<float> Max(Vector256<float> left, Vector256<float> right) => Vector256.MaxNative(left, right);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static Vector256<float> Exp(Vector256<float> value) => Vector256.Exp(value);
+    public static Vector256<float> Exp(Vector256<float> value) => PolynomialExp.Exp(value);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Sum(Vector256<float> value) => Vector256.Sum(value);
@@ -195,7 +195,7 @@ internal readonly unsafe struct Simd128 : ISimdOps<Simd128, Vector128<float>>
     public static Vector128<float> Max(Vector128<float> left, Vector128<float> right) => Vector128.MaxNative(left, right);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static Vector128<float> Exp(Vector128<float> value) => Vector128.Exp(value);
+    public static Vector128<float> Exp(Vector128<float> value) => PolynomialExp.Exp(value);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Sum(Vector128<float> value) => Vector128.Sum(value);
@@ -248,7 +248,7 @@ internal readonly unsafe struct SimdScalar : ISimdOps<SimdScalar, float>
     public static float Max(float left, float right) => left > right ? left : right;
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static float Exp(float value) => MathF.Exp(value);
+    public static float Exp(float value) => PolynomialExp.Exp(value);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Sum(float value) => value;
