@@ -33,7 +33,7 @@ internal static class Compare
         }
         Console.WriteLine($"# ours vs ONNX Runtime {typeof(Microsoft.ML.OnnxRuntime.InferenceSession).Assembly.GetName().Version}: " +
                           $"{OrtRunner.Threads} threads each (ORT intra-op, ORT_ENABLE_ALL; KernelThreading.MaxThreads), {Environment.ProcessorCount} CPUs, " +
-                          $"load average {LoadAverage()}");
+                          $"load average {BenchStats.LoadAverage()}");
         Console.WriteLine("# rate: GFLOP/s for compute-bound calls, GB/s of memory traffic (weights at their stored width) for GEMV and norms");
         Console.WriteLine($"| {"case",-36} | {"ours ms",9} | {"ORT ms",9} | {"ours/ORT",8} | {"ours rate",12} | {"ORT rate",12} | {"max rel diff",12} | note");
         Console.WriteLine($"|{new string('-', 38)}|{new string('-', 11)}|{new string('-', 11)}|{new string('-', 10)}|{new string('-', 14)}|{new string('-', 14)}|{new string('-', 14)}|------");
@@ -65,7 +65,7 @@ internal static class Compare
                     for (int i = 0; i < burst; i++)
                         ort.Add(Time(pair.RunOrt));
                 }
-                double oursMs = Median(ours), ortMs = Median(ort);
+                double oursMs = BenchStats.Median(ours), ortMs = BenchStats.Median(ort);
                 Console.WriteLine($"| {name,-36} | {oursMs,9:F3} | {ortMs,9:F3} | {oursMs / ortMs,8:F2} | {Rate(pair, pair.OurBytes, oursMs),12} | {Rate(pair, pair.OrtBytes, ortMs),12} | {pair.MaxRelativeDiff,12:0.00e+0} | {pair.Note}");
             }
             catch (Exception e) when (e is InvalidOperationException or Microsoft.ML.OnnxRuntime.OnnxRuntimeException or OutOfMemoryException)
@@ -74,7 +74,7 @@ internal static class Compare
                 Console.WriteLine($"| {name,-36} | FAILED: {e.Message}");
             }
         }
-        Console.WriteLine($"# load average after: {LoadAverage()}");
+        Console.WriteLine($"# load average after: {BenchStats.LoadAverage()}");
         return failures == 0 ? 0 : 1;
     }
 
@@ -92,12 +92,6 @@ internal static class Compare
         return Stopwatch.GetElapsedTime(start).TotalMilliseconds;
     }
 
-    private static double Median(List<double> values)
-    {
-        values.Sort();
-        int n = values.Count;
-        return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
-    }
 
     private static string Rate(KernelPair pair, double bytes, double ms)
     {
@@ -108,10 +102,4 @@ internal static class Compare
             : string.Create(CultureInfo.InvariantCulture, $"{pair.Flops / ms / 1e6:F1} GFLOP/s");
     }
 
-    private static string LoadAverage()
-    {
-        try { return string.Join(" ", File.ReadAllText("/proc/loadavg").Split(' ').Take(3)); }
-        catch (IOException) { return "n/a"; }
-        catch (UnauthorizedAccessException) { return "n/a"; }
-    }
 }

@@ -51,7 +51,7 @@ internal static unsafe class StreamCompare
         foreach (var (label, pattern) in new (string, Pattern)[] { ("plain", Pattern.Plain), ("prefetch t0 8 KB", Pattern.PrefetchT0), ("prefetch nta 256 B", Pattern.PrefetchNta), ("4 streams/thread", Pattern.FourStreams) })
             items.Add(($"read {label}", bytes, () => readers.Run(pattern)));
 
-        Console.WriteLine($"# stream: {rounds} rounds, pause {pauseMs} ms, {OrtRunner.Threads} threads each, read buffer {megabytes} MB, load average {File.ReadAllText("/proc/loadavg").Trim()}");
+        Console.WriteLine($"# stream: {rounds} rounds, pause {pauseMs} ms, {OrtRunner.Threads} threads each, read buffer {megabytes} MB, load average {BenchStats.LoadAverage()}");
         var results = items.Select(_ => new List<double>()).ToList();
         foreach (var item in items) { item.Call(); item.Call(); }
         for (int round = 0; round < rounds; round++)
@@ -74,7 +74,7 @@ internal static unsafe class StreamCompare
             var sorted = results[i].Order().ToArray();
             Console.WriteLine($"| {items[i].Name,-44} | {sorted[sorted.Length / 2],11:F1} | {sorted[sorted.Length * 3 / 4],9:F1} |");
         }
-        Console.WriteLine($"# load average after: {File.ReadAllText("/proc/loadavg").Trim()}");
+        Console.WriteLine($"# load average after: {BenchStats.LoadAverage()}");
         foreach (var pair in pairs) pair.Dispose();
         NativeMemory.AlignedFree(buffer);
         return 0;

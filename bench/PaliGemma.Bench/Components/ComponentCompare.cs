@@ -38,13 +38,13 @@ internal static class ComponentCompare
         using var checkpoint = SafetensorsCheckpoint.Open(checkpointDir);
         int fullVision = config.Vision.NumHiddenLayers, fullText = config.Text.NumHiddenLayers;
         if (visionLayers < 0) visionLayers = fullVision;
-        Console.WriteLine($"# components of {checkpointDir}: ours vs ONNX Runtime, {OrtRunner.Threads} threads each, load average {LoadAverage()}");
+        Console.WriteLine($"# components of {checkpointDir}: ours vs ONNX Runtime, {OrtRunner.Threads} threads each, load average {BenchStats.LoadAverage()}");
         Console.WriteLine("# ORT runs fp32 graphs (the checkpoint's bf16 weights widened exactly); ours reads the bf16 weights in place");
         Console.WriteLine($"| {"component",-44} | {"ours ms",10} | {"ORT ms",10} | {"ours/ORT",8} | {"max rel diff",12} |");
         Console.WriteLine($"|{new string('-', 46)}|{new string('-', 12)}|{new string('-', 12)}|{new string('-', 10)}|{new string('-', 14)}|");
         bool ok = CompareVision(config, checkpoint, visionLayers, fullVision, runs);
         ok &= CompareText(config, checkpoint, textLayers, fullText, prompt, runs);
-        Console.WriteLine($"# load average after: {LoadAverage()}");
+        Console.WriteLine($"# load average after: {BenchStats.LoadAverage()}");
         return ok ? 0 : 1;
     }
 
@@ -300,7 +300,7 @@ internal static class ComponentCompare
             Thread.Sleep(Compare.SideSwitchPauseMs);
             ortMs.Add(Time(ort, burst));
         }
-        double om = Median(oursMs), rm = Median(ortMs);
+        double om = BenchStats.Median(oursMs), rm = BenchStats.Median(ortMs);
         string scaled = scale == 1 ? "" : $" (x{scale:0.##} for all layers: ours {om * scale:F0} ms, ORT {rm * scale:F0} ms, layers only)";
         Console.WriteLine($"| {name,-44} | {om,10:F1} | {rm,10:F1} | {om / rm,8:F2} | {rel,12:0.00e+0} |{(agree ? "" : " DISAGREE")}{scaled}");
         return agree;
@@ -323,16 +323,5 @@ internal static class ComponentCompare
         return Stopwatch.GetElapsedTime(start).TotalMilliseconds / calls;
     }
 
-    private static double Median(List<double> values)
-    {
-        values.Sort();
-        int n = values.Count;
-        return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
-    }
 
-    internal static string LoadAverage()
-    {
-        try { return string.Join(" ", File.ReadAllText("/proc/loadavg").Split(' ').Take(3)); }
-        catch (IOException) { return "n/a"; }
-    }
 }

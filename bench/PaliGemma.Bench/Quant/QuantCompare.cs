@@ -52,7 +52,7 @@ internal static unsafe class QuantCompare
             if (args[i] == "--shape") only = args[i + 1];
         }
         KernelThreading.MaxThreads = threads;
-        Console.WriteLine($"# quantized kernels, {threads} threads each, {Environment.ProcessorCount} CPUs, load average {LoadAverage()}; " +
+        Console.WriteLine($"# quantized kernels, {threads} threads each, {Environment.ProcessorCount} CPUs, load average {BenchStats.LoadAverage()}; " +
                           $"int8-activation path: {IntegerGemm.BestInt8}, int16-activation path: {IntegerGemm.BestInt16} (None: the kernel runs the panels)");
         int failures = 0;
         if (gemm)
@@ -60,7 +60,7 @@ internal static unsafe class QuantCompare
                 failures += Gemm(rows, runs, only);
         if (gemv)
             failures += Gemv(runs);
-        Console.WriteLine($"# load average after: {LoadAverage()}");
+        Console.WriteLine($"# load average after: {BenchStats.LoadAverage()}");
         return failures == 0 ? 0 : 1;
     }
 
@@ -234,7 +234,7 @@ internal static unsafe class QuantCompare
                 }
             }
         }
-        return times.Select(Median).ToArray();
+        return times.Select(BenchStats.Median).ToArray();
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -268,19 +268,8 @@ internal static unsafe class QuantCompare
                 }
             }
         }
-        return times.Select(Median).ToArray();
+        return times.Select(BenchStats.Median).ToArray();
     }
 
-    private static double Median(List<double> values)
-    {
-        values.Sort();
-        int n = values.Count;
-        return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
-    }
 
-    private static string LoadAverage()
-    {
-        try { return string.Join(" ", File.ReadAllText("/proc/loadavg").Split(' ').Take(3)); }
-        catch (IOException) { return "n/a"; }
-    }
 }
