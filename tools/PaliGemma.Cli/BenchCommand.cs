@@ -35,6 +35,11 @@ public static class BenchCommand
     private static string WeightsName(PaliGemmaModel model) =>
         model.Quantization is { } q ? PaliGemma.CpuOnly.Quant.QuantFormats.Name(q).ToUpperInvariant() : model.Decoder.EmbeddingDType.ToString().ToUpperInvariant();
 
+    /// <summary>The weight bytes one decode step streams: quantized matrices count their blocks and scales, float ones their tensors in the checkpoint.</summary>
+    private static long WeightBytesPerToken(PaliGemmaModel model, string modelDir) => model.Quantization is null
+        ? ModelFootprint.DecodeWeightBytesPerToken(modelDir, model.Config.Text)
+        : model.Decoder.DecodeWeightBytesPerToken();
+
     public static int Run(string[] args)
     {
         var a = new ParsedArguments(args, Flags);
@@ -54,7 +59,11 @@ public static class BenchCommand
         bool mergeAdapter = a.Flag("merge-adapter");
         bool compareMerged = a.Flag("compare-merged");
         bool json = a.Flag("json"), quiet = a.Flag("quiet"), profile = a.Flag("profile");
+        string? versusText = a.Optional("versus");
         a.RejectUnknown();
+        string[] versusDirs = versusText is null ? [] : BenchVersus.ParseDirectories(versusText);
+        if (versusDirs.Length > 0 && (adapterDir is not null || profile))
+            throw new UsageException("--versus compares checkpoints without an adapter or a profile: leave out --adapter and --profile");
         if (mergeAdapter && adapterDir is null) throw new UsageException("--merge-adapter needs --adapter DIR");
         if (compareMerged && (adapterDir is null || mergeAdapter)) throw new UsageException("--compare-merged needs --adapter DIR at run time (without --merge-adapter)");
         if (threads > 0) KernelThreading.MaxThreads = threads;
@@ -80,9 +89,7 @@ public static class BenchCommand
             Backend = (PaliGemma.CpuOnly.Kernels.Backends.IComputeBackend?)profiler ?? CliBackend.Current,
         });
         double loadSeconds = model.LoadTime.TotalSeconds;
-        long weightBytesPerToken = model.Quantization is null
-            ? ModelFootprint.DecodeWeightBytesPerToken(modelDir, model.Config.Text)
-            : model.Decoder.DecodeWeightBytesPerToken();
+        long weightBytesPerToken = WeightBytesPerToken(model, modelDir);
         long? rssAfterLoad = ProcessStats.ResidentBytes();
         LoraAdapter? runtimeAdapter = null;
         double adapterLoadSeconds = 0;
@@ -121,6 +128,27 @@ public static class BenchCommand
             interleaved = Interleave(model, runtimeAdapter!, merged, imagePath, prompt, newTokens, runs, Progress);
             Progress(string.Create(CultureInfo.InvariantCulture,
                 $"interleaved: run time {interleaved.RuntimeMedianStepSeconds * 1000:F1} ms/token, merged {interleaved.MergedMedianStepSeconds * 1000:F1}, base {interleaved.BaseMedianStepSeconds * 1000:F1} (medians of {interleaved.Steps} steps each), run time / merged {interleaved.Ratio:F3}"));
+        }
+
+        IReadOnlyList<BenchVersus.Entry>? versus = null;
+        if (versusDirs.Length > 0)
+        {
+            var contenders = new List<BenchVersus.Contender> { new(modelDir, WeightsName(model), model, weightBytesPerToken) };
+            try
+            {
+                foreach (string dir in versusDirs)
+                {
+                    Progress($"versus: loading {dir}");
+                    var other = PaliGemmaModel.Load(dir, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath, Backend = CliBackend.Current });
+                    contenders.Add(new BenchVersus.Contender(dir, WeightsName(other), other, WeightBytesPerToken(other, dir)));
+                }
+                Progress($"versus: {runs} rounds of vision, prefill and {newTokens - 1} decode steps, the {contenders.Count} models in turn");
+                versus = BenchVersus.Run(contenders, imagePath, prompt, newTokens, runs, Progress);
+            }
+            finally
+            {
+                foreach (var c in contenders.Skip(1)) c.Model.Dispose();
+            }
         }
 
         DecodeProfile? decodeProfile = null;
@@ -216,6 +244,7 @@ public static class BenchCommand
                 WriteProbe(w, "memory_read", "memory_probe_bytes", probe, decodeGBps);
                 WriteProbe(w, "mapped_read", "mapped_read_bytes", mappedProbe, decodeGBps);
                 decodeProfile?.WriteJson(w);
+                if (versus is not null) BenchVersus.WriteJson(w, versus, probe?.MedianGBps);
                 if (peakRss is long rss) w.WriteNumber("peak_rss_bytes", rss);
                 else w.WriteNull("peak_rss_bytes");
                 w.WriteNumber("allocated_bytes_per_decode_token", Math.Round(allocatedPerToken));
@@ -279,6 +308,7 @@ public static class BenchCommand
             if (interleaved is not null)
                 o.WriteLine(string.Create(CultureInfo.InvariantCulture,
                     $"interleaved {interleaved.RuntimeMedianStepSeconds * 1000,10:F1} ms/token run time, {interleaved.MergedMedianStepSeconds * 1000:F1} merged, {interleaved.BaseMedianStepSeconds * 1000:F1} base ({interleaved.Steps} steps each): run time / merged {interleaved.Ratio:F3}"));
+            if (versus is not null) BenchVersus.WriteText(o, versus, probe?.MedianGBps);
             decodeProfile?.WriteText(o);
             if (profiler is not null)
             {
@@ -449,7 +479,7 @@ public static class BenchCommand
         else w.WriteNull(name);
     }
 
-    private static double Median(IEnumerable<double> values)
+    internal static double Median(IEnumerable<double> values)
     {
         var sorted = values.Order().ToArray();
         int n = sorted.Length;
@@ -470,5 +500,5 @@ public static class BenchCommand
         w.WriteNumber($"decode_fraction_of_{name}", Round(decodeGBps / probe.MedianGBps));
     }
 
-    private static double Round(double value) => double.IsFinite(value) ? Math.Round(value, 6) : 0;
+    internal static double Round(double value) => double.IsFinite(value) ? Math.Round(value, 6) : 0;
 }

@@ -21,7 +21,7 @@ public static class Program
           paligemma serve    --model DIR [--urls http://127.0.0.1:8080] [--max-concurrency N] [--max-queue Q] [--max-request-bytes B] [--vae FILE] [--shutdown-timeout S] [--quiet]
           paligemma synth-adapter --model DIR --out DIR [--rank 8] [--alpha 16] [--targets q_proj,k_proj,...] [--seed N] [--dtype f32|bf16|f16] [--force] [--quiet]
           paligemma bench    --model DIR [--image FILE] [--prompt TEXT] [--new-tokens N] [--runs R] [--warmup W] [--threads T] [--probe-mb MB] [--tokenizer FILE] [--dtype q8|nf4]
-                             [--adapter DIR [--merge-adapter | --compare-merged]] [--profile] [--json] [--quiet]
+                             [--adapter DIR [--merge-adapter | --compare-merged]] [--versus DIR[,DIR...]] [--profile] [--json] [--quiet]
           paligemma bench --cold-start --model DIR [--binary PATH] [--runs N] [--image FILE] [--prompt TEXT] [--tokenizer FILE] [--no-first-token] [--json] [--quiet]
           paligemma quantize --model DIR --to q8|nf4 --out DIR [--quiet]
           paligemma eval-quant --model DIR --image FILE (--dtype q8|nf4 | --quantized DIR) [--prompt TEXT] [--new-tokens N] [--tokenizer FILE]
@@ -81,7 +81,9 @@ public static class Program
         --profile adds where a decode step's time goes, per operation. bench --dtype q8|nf4 quantizes at load. --adapter DIR runs
         with a LoRA adapter at run time (or merged at load with --merge-adapter) and adds the adapter's size and the resident
         memory it added; --compare-merged also loads the merged model and alternates its decode steps with the run-time
-        adapter's, for a ratio that holds on a busy machine.
+        adapter's, for a ratio that holds on a busy machine. --versus DIR[,DIR...] also loads those checkpoints (e.g. the
+        q8 and nf4 copies of --model) and runs every model's vision pass, prefill and decode steps in turn, rotating the
+        order: medians per model and each one's speed-up over --model, measured under the same load and bandwidth.
         bench --cold-start starts --binary (default: this paligemma) --runs times (default 5); each process loads the model,
         computes the first greedy token and exits. Medians of process start -> model ready, start -> first token and peak RSS.
         quantize writes one model.safetensors with q8 or nf4 blocks (see README, "Quantized weights"), copies config.json and

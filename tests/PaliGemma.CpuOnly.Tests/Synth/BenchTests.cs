@@ -71,6 +71,50 @@ public sealed class BenchTests
     }
 
     [Fact]
+    public void Bench_versus_runs_each_checkpoint_in_turn_and_reports_speedups_over_the_first()
+    {
+        using var temp = new TempDirectory();
+        string dir = temp.File("m"), q8 = temp.File("q8");
+        SyntheticCheckpoint.Write(TinyConfig, dir, new SyntheticCheckpointOptions { Seed = 3 });
+        Assert.Equal(0, CliTests.Run("quantize", "--model", dir, "--to", "q8", "--out", q8, "--quiet").Code);
+        var (code, stdout, stderr) = CliTests.Run("bench", "--model", dir, "--versus", q8, "--new-tokens", "4", "--runs", "3", "--probe-mb", "16", "--json", "--quiet");
+        Assert.True(code == 0, $"exit {code}: {stderr}");
+
+        using var doc = JsonDocument.Parse(stdout);
+        var root = doc.RootElement;
+        var versus = root.GetProperty("versus");
+        Assert.Equal(2, versus.GetArrayLength());
+        var (first, second) = (versus[0], versus[1]);
+        Assert.Equal(Path.GetFullPath(dir), first.GetProperty("model").GetString());
+        Assert.Equal(Path.GetFullPath(q8), second.GetProperty("model").GetString());
+        Assert.Equal(root.GetProperty("weights_dtype").GetString(), first.GetProperty("weights_dtype").GetString());
+        Assert.Equal("Q8", second.GetProperty("weights_dtype").GetString());
+        Assert.Equal(root.GetProperty("decode_weight_bytes_per_token").GetInt64(), first.GetProperty("decode_weight_bytes_per_token").GetInt64());
+        // q8 stores about a byte per weight against bf16's two.
+        Assert.InRange(second.GetProperty("decode_weight_bytes_per_token").GetInt64(), 1, first.GetProperty("decode_weight_bytes_per_token").GetInt64() * 3 / 4);
+        foreach (var entry in new[] { first, second })
+        {
+            Assert.Equal(3, entry.GetProperty("rounds").GetInt32());
+            Assert.Equal(3 * 3, entry.GetProperty("decode_steps").GetInt32());
+            foreach (string key in new[] { "vision_s", "prefill_s", "decode_s_per_token", "decode_tokens_per_s", "decode_weight_gb_per_s",
+                         "decode_fraction_of_memory_read", "vision_speedup_vs_first", "prefill_speedup_vs_first", "decode_speedup_vs_first" })
+                Assert.True(entry.GetProperty(key).GetDouble() > 0, key);
+        }
+        // The first model is its own baseline: every ratio of neighbouring turns is exactly 1.
+        foreach (string key in new[] { "vision_speedup_vs_first", "prefill_speedup_vs_first", "decode_speedup_vs_first" })
+            Assert.Equal(1.0, first.GetProperty(key).GetDouble());
+
+        var plain = CliTests.Run("bench", "--model", dir, "--versus", q8, "--new-tokens", "2", "--runs", "1", "--probe-mb", "0", "--quiet");
+        Assert.True(plain.Code == 0, plain.Err);
+        Assert.Contains("versus", plain.Out);
+        Assert.Contains(q8, plain.Out);
+
+        Assert.Equal(2, CliTests.Run("bench", "--model", dir, "--versus", temp.File("missing")).Code);
+        Assert.Equal(2, CliTests.Run("bench", "--model", dir, "--versus", q8, "--profile").Code);
+        Assert.Equal(2, CliTests.Run("bench", "--model", dir, "--versus", ",").Code);
+    }
+
+    [Fact]
     public void Bench_profile_times_every_decoder_operation_of_a_decode_step()
     {
         using var temp = new TempDirectory();
