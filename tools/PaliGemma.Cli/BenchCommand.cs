@@ -142,8 +142,8 @@ public static class BenchCommand
                     var other = PaliGemmaModel.Load(dir, new PaliGemmaLoadOptions { TokenizerPath = tokenizerPath, Backend = CliBackend.Current });
                     contenders.Add(new BenchVersus.Contender(dir, WeightsName(other), other, WeightBytesPerToken(other, dir)));
                 }
-                Progress($"versus: {runs} rounds of vision, prefill and {newTokens - 1} decode steps, the {contenders.Count} models in turn");
-                versus = BenchVersus.Run(contenders, imagePath, prompt, newTokens, runs, Progress);
+                Progress($"versus: {warmup} + {runs} rounds of vision, prefill and {newTokens - 1} decode steps, the {contenders.Count} models in turn");
+                versus = BenchVersus.Run(contenders, imagePath, prompt, newTokens, warmup, runs, Progress);
             }
             finally
             {

@@ -39,7 +39,7 @@ internal static class BenchVersus
         return directories;
     }
 
-    public static IReadOnlyList<Entry> Run(IReadOnlyList<Contender> models, string? imagePath, string prompt, int newTokens, int rounds, Action<string> progress)
+    public static IReadOnlyList<Entry> Run(IReadOnlyList<Contender> models, string? imagePath, string prompt, int newTokens, int warmupRounds, int rounds, Action<string> progress)
     {
         int count = models.Count;
         var vision = Lists(count);
@@ -51,24 +51,26 @@ internal static class BenchVersus
         var decodeRatios = Lists(count);
         var image = imagePath is null ? BenchCommand.GradientImage(640, 480) : ImageLoader.Load(imagePath);
         var clock = new Stopwatch();
-        for (int round = 0; round < rounds; round++)
+        // Warm-up rounds (negative numbers) run every model's kernels once before anything is recorded.
+        for (int round = -warmupRounds; round < rounds; round++)
         {
+            bool recorded = round >= 0;
             var features = new float[count][];
             var pixels = models.Select(m => m.Model.Preprocess(image)).ToArray();
             var roundVision = new double[count];
-            foreach (int m in Turns(round, count))
+            foreach (int m in Turns(round + warmupRounds, count))
             {
                 clock.Restart();
                 features[m] = models[m].Model.EncodeImages(pixels[m], 1);
                 roundVision[m] = clock.Elapsed.TotalSeconds;
             }
-            Record(vision, visionRatios, roundVision);
+            if (recorded) Record(vision, visionRatios, roundVision);
 
             var sessions = new PaliGemmaSession[count];
             var logits = new float[count][];
             var next = new int[count][];
             var roundPrefill = new double[count];
-            foreach (int m in Turns(round, count))
+            foreach (int m in Turns(round + warmupRounds, count))
             {
                 var model = models[m].Model;
                 int[] ids = model.Tokenizer.BuildPrompt(prompt, model.NumImageTokens);
@@ -80,21 +82,21 @@ internal static class BenchVersus
                 // Each model follows its own greedy tokens (quantization may change them); ignoring <eos>, as bench does.
                 next[m] = [TensorPrimitives.IndexOfMax(logits[m])];
             }
-            Record(prefill, prefillRatios, roundPrefill);
+            if (recorded) Record(prefill, prefillRatios, roundPrefill);
 
             var stepTimes = new double[count];
             for (int step = 1; step < newTokens; step++)
             {
-                foreach (int m in Turns(round + step, count))
+                foreach (int m in Turns(round + warmupRounds + step, count))
                 {
                     clock.Restart();
                     sessions[m].Decode(next[m], logits[m]);
                     next[m][0] = TensorPrimitives.IndexOfMax(logits[m]);
                     stepTimes[m] = clock.Elapsed.TotalSeconds;
                 }
-                Record(decode, decodeRatios, stepTimes);
+                if (recorded) Record(decode, decodeRatios, stepTimes);
             }
-            progress($"versus round {round + 1}/{rounds}: " + string.Join(", ", Enumerable.Range(0, count).Select(m => string.Create(CultureInfo.InvariantCulture,
+            progress((recorded ? $"versus round {round + 1}/{rounds}: " : $"versus warm-up {round + warmupRounds + 1}/{warmupRounds}: ") + string.Join(", ", Enumerable.Range(0, count).Select(m => string.Create(CultureInfo.InvariantCulture,
                 $"{models[m].Weights} vision {roundVision[m]:F2} s, prefill {roundPrefill[m]:F2} s"))));
         }
 
