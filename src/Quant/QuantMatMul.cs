@@ -178,7 +178,7 @@ public static unsafe class QuantMatMul
 
     /// <summary>
     /// How far ahead of its position each one-token lane prefetches (8 KB in flight per thread, as the bf16 GEMV does);
-    /// the hardware prefetcher alone does not keep enough lines in flight.
+    /// the hardware prefetcher alone does not keep enough lines in flight. 1, 4 and 8 KB measured level or slower.
     /// </summary>
     private const int OneTokenPrefetchBytes = 2048;
     /// <summary>
@@ -292,6 +292,7 @@ public static unsafe class QuantMatMul
             long rowBytes = (long)blocks * 32;
             if (ahead != 0)
             {
+                // Two rows on: measured against none (nf4 6-9 % slower), 8 and 32 rows (level or slower).
                 long scaleRowBytes = (long)blocks * w.ScaleType.SizeOf();
                 PrefetchScales(w.ScaleData + (r0 + 2) * scaleRowBytes, scaleRowBytes);
                 PrefetchScales(w.ScaleData + (r1 + 2) * scaleRowBytes, scaleRowBytes);
