@@ -126,18 +126,34 @@ public static unsafe class QuantMatMul
                     x.Slice(m * k, k).CopyTo(rented.AsSpan(m * padded, k));
             }
             ReadOnlySpan<float> xs = rented != null ? rented : x;
-            // One token on nf4: x once more in the order the nibble-shift kernel consumes it (see PermuteForNf4Pairs).
-            bool nf4Pairs = rows == 1 && path == GemvPath.Vector512 && w.Format == QuantFormat.Nf4;
-            float[]? permuted = nf4Pairs ? t_nf4X is { } buffer && buffer.Length >= padded ? buffer : (t_nf4X = GC.AllocateUninitializedArray<float>(padded, pinned: true)) : null;
-            if (permuted != null)
-                PermuteForNf4Pairs(xs[..padded], permuted);
+            // One token on AVX-512: x once as int16 codes with one scale per W block (QuantizeOneToken), the scales also
+            // times 2^112 where that fits (CombineScales).
+            int blocks = w.BlocksPerRow;
+            short[]? xCodes = null;
+            float[]? xScales = null;
+            bool rebiased = false;
+            if (UsesInt16Activations(rows, path))
+            {
+                int codeCount = w.Format == QuantFormat.Nf4 ? (blocks + 1) / 2 * 128 : blocks * 32;
+                xCodes = t_xCodes is { } codeBuffer && codeBuffer.Length >= codeCount ? codeBuffer : (t_xCodes = GC.AllocateUninitializedArray<short>(codeCount, pinned: true));
+                xScales = t_xScales is { } scaleBuffer && scaleBuffer.Length >= 2 * blocks ? scaleBuffer : (t_xScales = GC.AllocateUninitializedArray<float>(2 * blocks, pinned: true));
+                fixed (float* source = xs)
+                fixed (short* codes = xCodes)
+                fixed (float* scales = xScales)
+                {
+                    QuantizeOneToken(w.Format, source, blocks, codes, scales);
+                    rebiased = RebiasScales(scales, blocks, scales + blocks);
+                }
+            }
             fixed (float* xp = xs)
-            fixed (float* pp = permuted)
+            fixed (short* xq = xCodes)
+            fixed (float* xsp = xScales)
             fixed (float* bp = bias)
             fixed (float* yp = y)
             {
                 int rowsPerItem = rows == 1 ? OneTokenRowsPerItem(w.Rows) : GemvRowsPerItem;
-                var job = new GemvJob(w, xp, pp, padded, rows, rowsPerItem, bias.IsEmpty ? null : bp, yp, softCap, path);
+                var activations = new OneTokenActivations(xq, xsp, rebiased ? xsp + blocks : null);
+                var job = new GemvJob(w, xp, activations, padded, rows, rowsPerItem, bias.IsEmpty ? null : bp, yp, softCap, path);
                 int items = (w.Rows + rowsPerItem - 1) / rowsPerItem;
                 bool parallel = (long)w.Rows * padded >= GemvParallelThreshold && KernelThreading.MaxThreads > 1 && items > 1;
                 // The kernels' worker pool: no closure, no Parallel.For state, so a decode step allocates nothing.
@@ -150,54 +166,52 @@ public static unsafe class QuantMatMul
         }
     }
 
-    // Per-thread fp32 copy of the fp16 scales of the W rows a GEMV pass reads (pinned: the kernels take its address).
+    // Per-thread fp32 copy of the scales of the W rows a GEMV step reads (fp16 widened; one token: times x's scales).
+    // Pinned: the kernels take its address.
     [ThreadStatic] private static float[]? t_scales;
-    // The calling thread's permuted copy of x for the one-token nf4 kernel (pinned, reused: no allocation per token).
-    [ThreadStatic] private static float[]? t_nf4X;
+    // The calling thread's int16 codes and block scales of x for the one-token kernels (pinned, reused: no allocation per token).
+    [ThreadStatic] private static short[]? t_xCodes;
+    [ThreadStatic] private static float[]? t_xScales;
 
-    // How far ahead (in passes of 4 W rows) the one-token kernels prefetch: the hardware prefetcher alone does not follow
-    // four short row streams that start afresh every pass (measured: q8 15 -> 26 GB/s and nf4 12 -> 22 GB/s on one thread).
-    private const int PrefetchPasses = 2;
+    /// <summary>Whether a GEMV of <paramref name="rows"/> x rows on <paramref name="path"/> codes x to int16 (one token on AVX-512).</summary>
+    internal static bool UsesInt16Activations(int rows, GemvPath path) => rows == 1 && path == GemvPath.Vector512;
+
     /// <summary>
-    /// W rows per work item for one token: long items keep the passes without prefetch (the first two of an item) few,
-    /// about four items per thread keep the threads balanced when one of them is slowed down. A multiple of 4.
+    /// How far ahead of its position each one-token lane prefetches (8 KB in flight per thread, as the bf16 GEMV does);
+    /// the hardware prefetcher alone does not keep enough lines in flight. 1, 4 and 8 KB measured level or slower.
+    /// </summary>
+    private const int OneTokenPrefetchBytes = 2048;
+    /// <summary>
+    /// W rows per work item for one token: long items keep the lanes long, about four items per thread keep the threads
+    /// balanced when one of them is slowed down. A multiple of 4.
     /// </summary>
     internal static int OneTokenRowsPerItem(int rows) => Math.Clamp(rows / (4 * KernelThreading.MaxThreads) / 4 * 4, 64, 512);
 
-    private struct GemvJob(QuantizedMatrix w, float* x, float* nf4X, int xStride, int rows, int rowsPerItem, float* bias, float* y, float softCap, GemvPath path) : IWorkItems
+    /// <summary>One token's x for the int16 kernels: codes, block scales, and the scales times 2^112 (null where that overflows).</summary>
+    private readonly struct OneTokenActivations(short* codes, float* scales, float* rebiasedScales)
+    {
+        public readonly short* Codes = codes;
+        public readonly float* Scales = scales;
+        public readonly float* RebiasedScales = rebiasedScales;
+    }
+
+    private struct GemvJob(QuantizedMatrix w, float* x, OneTokenActivations oneToken, int xStride, int rows, int rowsPerItem, float* bias, float* y, float softCap, GemvPath path) : IWorkItems
     {
         public void Run(int item)
         {
             int n0 = item * rowsPerItem;
             int n1 = Math.Min(w.Rows, n0 + rowsPerItem);
+            if (oneToken.Codes != null)
+            {
+                RunOneToken(n0, n1);
+                return;
+            }
             int blocks = w.BlocksPerRow;
             int yStride = w.Rows;
-            // fp16 scales are widened to fp32 four W rows at a time (a few KB, stays in L1); fp32 scales are read in place.
-            float[] widened = t_scales is { } buffer && buffer.Length >= 4 * blocks ? buffer : (t_scales = GC.AllocateUninitializedArray<float>(Math.Max(4 * blocks, 256), pinned: true));
+            // fp16 scales are widened to fp32 one W row at a time (stays in L1); fp32 scales are read in place.
+            float[] widened = t_scales is { } buffer && buffer.Length >= blocks ? buffer : (t_scales = GC.AllocateUninitializedArray<float>(Math.Max(blocks, 256), pinned: true));
             float* scaleBuffer = (float*)Unsafe.AsPointer(ref widened[0]);
-            int n = n0;
-            if (rows == 1 && path == GemvPath.Vector512)
-            {
-                // One token: four W rows per pass share every x load (x of a long K row lives in L2, not L1), and the
-                // rows of the pass after next are prefetched (within this item: the next item may be another thread's).
-                long rowBytes = (long)blocks * 32;
-                byte* end = w.Blocks + (long)n1 * rowBytes;
-                Span<float> sums = stackalloc float[4];
-                for (; n + 4 <= n1; n += 4)
-                {
-                    byte* codes = w.Blocks + (long)n * rowBytes;
-                    float* scales = WidenScales(w, (long)n * blocks, 4 * blocks, scaleBuffer);
-                    byte* ahead = codes + PrefetchPasses * 4 * rowBytes;
-                    if (ahead + 4 * rowBytes > end) ahead = null;
-                    if (w.Format == QuantFormat.Q8)
-                        DotQ8FourRowsVector512(codes, scales, blocks, x, ahead, sums);
-                    else
-                        DotNf4FourRowsVector512(codes, scales, blocks, x, nf4X, ahead, sums);
-                    for (int r = 0; r < 4; r++)
-                        Store(y + n + r, sums[r] + (bias == null ? 0f : bias[n + r]), softCap);
-                }
-            }
-            for (; n < n1; n++)
+            for (int n = n0; n < n1; n++)
             {
                 byte* codes = w.Blocks + (long)n * blocks * 32;
                 float* scales = WidenScales(w, (long)n * blocks, blocks, scaleBuffer);
@@ -232,6 +246,76 @@ public static unsafe class QuantMatMul
                 }
             }
         }
+
+        /// <summary>
+        /// One token on int16 activations, W rows n0..n1: four lanes, contiguous quarters of the rows an odd number of rows
+        /// apart (so that they do not share cache sets), are read side by side, four long streams each prefetched a little
+        /// ahead (running on into the lane's next row, and past the last lane into the rows after it); the rows the lanes
+        /// leave go four adjacent ones at a time, a short last step repeating its last row (sums dropped). Measured against
+        /// four adjacent rows per step throughout: faster in the whole model for both formats.
+        /// </summary>
+        private void RunOneToken(int n0, int n1)
+        {
+            int blocks = w.BlocksPerRow;
+            long rowBytes = (long)blocks * 32;
+            // nf4 rows of combined scales keep a zero past an odd block count (the zero partner block's scale).
+            int stride = w.Format == QuantFormat.Nf4 ? (blocks + 1) & ~1 : blocks;
+            float[] buffer = t_scales is { } reused && reused.Length >= 4 * stride ? reused : (t_scales = GC.AllocateUninitializedArray<float>(Math.Max(4 * stride, 256), pinned: true));
+            float* scales = (float*)Unsafe.AsPointer(ref buffer[0]);
+            float* sums = stackalloc float[4];
+            int count = n1 - n0;
+            int laneRows = count >= 8 ? (count / 4 - 1) | 1 : 0;
+            for (int lane = 0; lane < 4 && laneRows > 0; lane++)
+            {
+                byte* first = w.Blocks + (n0 + lane * laneRows) * rowBytes;
+                PackedGemm.PrefetchLines(first, first + OneTokenPrefetchBytes);
+            }
+            for (int t = 0; t < laneRows; t++)
+            {
+                int r0 = n0 + t;
+                Step(r0, r0 + laneRows, r0 + 2 * laneRows, r0 + 3 * laneRows, 4, OneTokenPrefetchBytes, scales, stride, sums);
+            }
+            for (int r = n0 + 4 * laneRows; r < n1; r += 4)
+            {
+                int valid = Math.Min(4, n1 - r);
+                Step(r, r + Math.Min(1, valid - 1), r + Math.Min(2, valid - 1), r + Math.Min(3, valid - 1), valid, 0, scales, stride, sums);
+            }
+        }
+
+        /// <summary>
+        /// Rows r0..r3 (the first <paramref name="valid"/> stored): their block scales times x's, then the kernel; with a
+        /// prefetch distance, also the scale lines of each row 2 on (the scales live apart from the codes).
+        /// </summary>
+        private void Step(int r0, int r1, int r2, int r3, int valid, nint ahead, float* scales, int stride, float* sums)
+        {
+            int blocks = w.BlocksPerRow;
+            long rowBytes = (long)blocks * 32;
+            if (ahead != 0)
+            {
+                // Two rows on: measured against none (nf4 6-9 % slower), 8 and 32 rows (level or slower).
+                long scaleRowBytes = (long)blocks * w.ScaleType.SizeOf();
+                PrefetchScales(w.ScaleData + (r0 + 2) * scaleRowBytes, scaleRowBytes);
+                PrefetchScales(w.ScaleData + (r1 + 2) * scaleRowBytes, scaleRowBytes);
+                PrefetchScales(w.ScaleData + (r2 + 2) * scaleRowBytes, scaleRowBytes);
+                PrefetchScales(w.ScaleData + (r3 + 2) * scaleRowBytes, scaleRowBytes);
+            }
+            CombineScales(w, (long)r0 * blocks, blocks, stride, oneToken.Scales, oneToken.RebiasedScales, scales);
+            CombineScales(w, (long)r1 * blocks, blocks, stride, oneToken.Scales, oneToken.RebiasedScales, scales + stride);
+            CombineScales(w, (long)r2 * blocks, blocks, stride, oneToken.Scales, oneToken.RebiasedScales, scales + 2 * stride);
+            CombineScales(w, (long)r3 * blocks, blocks, stride, oneToken.Scales, oneToken.RebiasedScales, scales + 3 * stride);
+            byte* q0 = w.Blocks + r0 * rowBytes, q1 = w.Blocks + r1 * rowBytes, q2 = w.Blocks + r2 * rowBytes, q3 = w.Blocks + r3 * rowBytes;
+            if (w.Format == QuantFormat.Q8)
+                DotQ8FourRowsInt16(q0, q1, q2, q3, blocks, scales, stride, oneToken.Codes, ahead, sums);
+            else
+                DotNf4FourRowsInt16(q0, q1, q2, q3, blocks, scales, stride, oneToken.Codes, ahead, sums);
+            Store(y + r0, sums[0] + (bias == null ? 0f : bias[r0]), softCap);
+            if (valid > 1) Store(y + r1, sums[1] + (bias == null ? 0f : bias[r1]), softCap);
+            if (valid > 2) Store(y + r2, sums[2] + (bias == null ? 0f : bias[r2]), softCap);
+            if (valid > 3) Store(y + r3, sums[3] + (bias == null ? 0f : bias[r3]), softCap);
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void PrefetchScales(byte* start, long length) => PackedGemm.PrefetchLines(start, start + length);
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static void Store(float* target, float value, float cap) => *target = cap > 0f ? cap * MathF.Tanh(value / cap) : value;
@@ -277,50 +361,7 @@ public static unsafe class QuantMatMul
             destination[i] = (float)BitConverter.UInt16BitsToHalf(source[i]);
     }
 
-    /// <summary>
-    /// x in the order of the one-token nf4 kernel: for each pair of blocks (128 weights; 64 bytes of codes = 16 dwords),
-    /// 8 runs of 16 floats, run s lane l holding the x element that nibble s of dword l multiplies: block 2p + l / 8,
-    /// byte 4 (l mod 8) + s / 2, low nibble (element j) for even s, high nibble (element j + 32) for odd s. A last odd block
-    /// keeps the plain order.
-    /// </summary>
-    internal static void PermuteForNf4Pairs(ReadOnlySpan<float> x, Span<float> permuted)
-    {
-        int pairs = x.Length / 128;
-        int p = 0;
-        if (Avx512F.IsSupported)
-        {
-            // Run s takes lanes 0-7 from x elements (s / 2) + 4i of block 2p's first (even s) or second (odd s) half, and
-            // lanes 8-15 from the same places in block 2p + 1: two 32-entry permutes and a blend per run.
-            var upperHalf = Vector512.Create(0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1).AsSingle();
-            var strideFour = 4 * (Vector512<int>.Indices & Vector512.Create(7));
-            fixed (float* source = x)
-            fixed (float* target = permuted)
-            {
-                for (; p < pairs; p++)
-                {
-                    float* from = source + p * 128, to = target + p * 128;
-                    for (int shift = 0; shift < 8; shift++)
-                    {
-                        Vector512<int> index = strideFour + Vector512.Create(shift >> 1);
-                        int half = 32 * (shift & 1);
-                        Vector512<float> first = Avx512F.PermuteVar16x32x2(Vector512.Load(from + half), index, Vector512.Load(from + half + 16));
-                        Vector512<float> second = Avx512F.PermuteVar16x32x2(Vector512.Load(from + 64 + half), index, Vector512.Load(from + 64 + half + 16));
-                        Vector512.ConditionalSelect(upperHalf, second, first).Store(to + shift * 16);
-                    }
-                }
-            }
-        }
-        for (; p < pairs; p++)
-            for (int shift = 0; shift < 8; shift++)
-                for (int lane = 0; lane < 16; lane++)
-                    permuted[p * 128 + shift * 16 + lane] = x[p * 128 + Nf4PairIndex(shift, lane)];
-        x[(pairs * 128)..].CopyTo(permuted[(pairs * 128)..]);
-    }
-
-    /// <summary>Where, in a pair of blocks, the x element for nibble <paramref name="shift"/> of dword <paramref name="lane"/> is.</summary>
-    private static int Nf4PairIndex(int shift, int lane) => 64 * (lane >> 3) + 4 * (lane & 7) + (shift >> 1) + 32 * (shift & 1);
-
-    // One x row: the block dot product is scaled once per block; rows beyond count reuse row 0 (their sums are ignored).
+    // Two to four x rows (one token takes the int16 kernels); rows beyond count reuse row 0 (their sums are ignored).
     private static void DotQ8Vector512(byte* codes, float* scales, int blocks, float* x0, int xStride, int count,
         out float s0, out float s1, out float s2, out float s3)
     {
@@ -328,140 +369,280 @@ public static unsafe class QuantMatMul
         float* x2 = count > 2 ? x0 + 2 * xStride : x0;
         float* x3 = count > 3 ? x0 + 3 * xStride : x0;
         Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
-        if (count == 1)
+        for (int b = 0; b < blocks; b++)
         {
-            for (int b = 0; b < blocks; b++)
-            {
-                sbyte* q = (sbyte*)codes + b * 32;
-                Vector512<float> w0 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q)));
-                Vector512<float> w1 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16)));
-                float* xb = x0 + b * 32;
-                Vector512<float> t = Vector512.FusedMultiplyAdd(w1, Vector512.Load(xb + 16), w0 * Vector512.Load(xb));
-                a0 = Vector512.FusedMultiplyAdd(t, Vector512.Create(scales[b]), a0);
-            }
-        }
-        else
-        {
-            for (int b = 0; b < blocks; b++)
-            {
-                sbyte* q = (sbyte*)codes + b * 32;
-                Vector512<float> w0 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q)));
-                Vector512<float> w1 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16)));
-                Vector512<float> s = Vector512.Create(scales[b]);
-                int o = b * 32;
-                a0 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x0 + o + 16), w0 * Vector512.Load(x0 + o)), s, a0);
-                a1 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x1 + o + 16), w0 * Vector512.Load(x1 + o)), s, a1);
-                a2 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x2 + o + 16), w0 * Vector512.Load(x2 + o)), s, a2);
-                a3 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x3 + o + 16), w0 * Vector512.Load(x3 + o)), s, a3);
-            }
+            sbyte* q = (sbyte*)codes + b * 32;
+            Vector512<float> w0 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q)));
+            Vector512<float> w1 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16)));
+            Vector512<float> s = Vector512.Create(scales[b]);
+            int o = b * 32;
+            a0 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x0 + o + 16), w0 * Vector512.Load(x0 + o)), s, a0);
+            a1 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x1 + o + 16), w0 * Vector512.Load(x1 + o)), s, a1);
+            a2 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x2 + o + 16), w0 * Vector512.Load(x2 + o)), s, a2);
+            a3 = Vector512.FusedMultiplyAdd(Vector512.FusedMultiplyAdd(w1, Vector512.Load(x3 + o + 16), w0 * Vector512.Load(x3 + o)), s, a3);
         }
         s0 = Vector512.Sum(a0); s1 = Vector512.Sum(a1); s2 = Vector512.Sum(a2); s3 = Vector512.Sum(a3);
     }
 
-    private static void DotQ8FourRowsVector512(byte* codes, float* scales, int blocks, float* x, byte* ahead, Span<float> sums)
-    {
-        nint rowBytes = (nint)blocks * 32;
-        sbyte* q0 = (sbyte*)codes, q1 = q0 + rowBytes, q2 = q1 + rowBytes, q3 = q2 + rowBytes;
-        float* c0 = scales, c1 = c0 + blocks, c2 = c1 + blocks, c3 = c2 + blocks;
-        Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
-        int b = 0;
-        if (ahead != null)
-        {
-            // Two blocks of four rows (256 bytes) per step, and 256 bytes of the pass after next: it is all in cache by then.
-            for (; b + 2 <= blocks; b += 2)
-            {
-                int o = b * 32;
-                Sse.Prefetch0(ahead + 4 * o);
-                Sse.Prefetch0(ahead + 4 * o + 64);
-                Sse.Prefetch0(ahead + 4 * o + 128);
-                Sse.Prefetch0(ahead + 4 * o + 192);
-                Q8FourRows(q0, q1, q2, q3, c0, c1, c2, c3, x, b, ref a0, ref a1, ref a2, ref a3);
-                Q8FourRows(q0, q1, q2, q3, c0, c1, c2, c3, x, b + 1, ref a0, ref a1, ref a2, ref a3);
-            }
-        }
-        for (; b < blocks; b++)
-            Q8FourRows(q0, q1, q2, q3, c0, c1, c2, c3, x, b, ref a0, ref a1, ref a2, ref a3);
-        sums[0] = Vector512.Sum(a0); sums[1] = Vector512.Sum(a1); sums[2] = Vector512.Sum(a2); sums[3] = Vector512.Sum(a3);
-    }
+    /// <summary>Largest q8 activation code: one block's 32 products stay far inside int32.</summary>
+    internal const int Q8ActivationLimit = short.MaxValue;
+    /// <summary>
+    /// Largest nf4 activation code and the NF4 table in int16 (NF4 · 16383, rounded): an int32 lane of the one-token nf4
+    /// kernel sums 8 products, 8 · 16383² &lt; 2^31.
+    /// </summary>
+    internal const int Nf4ActivationLimit = 16383;
+    internal const int Nf4TableLimit = 16383;
 
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Q8FourRows(sbyte* q0, sbyte* q1, sbyte* q2, sbyte* q3, float* c0, float* c1, float* c2, float* c3, float* x, int b,
-        ref Vector512<float> a0, ref Vector512<float> a1, ref Vector512<float> a2, ref Vector512<float> a3)
+    /// <summary>
+    /// The NF4 table as int16 codes, round(NF4 · <see cref="Nf4TableLimit"/>), twice (vpermw reads 5 index bits).
+    /// Literals, so the JIT keeps the table in a register (a test checks them against <see cref="Quantizer.Nf4Codes"/>).
+    /// </summary>
+    internal static Vector512<short> Nf4Int16Table
     {
-        int o = b * 32;
-        Vector512<float> xl = Vector512.Load(x + o), xh = Vector512.Load(x + o + 16);
-        a0 = Vector512.FusedMultiplyAdd(Q8Block(q0 + o, xl, xh), Vector512.Create(c0[b]), a0);
-        a1 = Vector512.FusedMultiplyAdd(Q8Block(q1 + o, xl, xh), Vector512.Create(c1[b]), a1);
-        a2 = Vector512.FusedMultiplyAdd(Q8Block(q2 + o, xl, xh), Vector512.Create(c2[b]), a2);
-        a3 = Vector512.FusedMultiplyAdd(Q8Block(q3 + o, xl, xh), Vector512.Create(c3[b]), a3);
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> Q8Block(sbyte* q, Vector512<float> xl, Vector512<float> xh)
-    {
-        Vector512<float> w0 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q)));
-        Vector512<float> w1 = Avx512F.ConvertToVector512Single(Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16)));
-        return Vector512.FusedMultiplyAdd(w1, xh, w0 * xl);
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        get => Vector512.Create(
+            -16383, -11406, -8602, -6470, -4660, -3027, -1492, 0, 1304, 2637, 4032, 5536, 7220, 9217, 11844, 16383,
+            -16383, -11406, -8602, -6470, -4660, -3027, -1492, 0, 1304, 2637, 4032, 5536, 7220, 9217, 11844, (short)16383);
     }
 
     /// <summary>
-    /// Four W rows by one token, two nf4 blocks (64 bytes) per step: each dword of codes holds 8 nibbles, and shifting the
-    /// whole vector right by 4s puts nibble s of every dword in its low 4 bits, which is all <c>vpermps</c> reads. So one
-    /// load and 7 shifts feed 8 lookups of 16 weights, against x permuted to match (<see cref="PermuteForNf4Pairs"/>);
-    /// lanes 0-7 belong to the first block and 8-15 to the second, so each row's pair sum is scaled by a vector holding
-    /// both blocks' scales. A last odd block runs the per-block kernel on plain x.
+    /// One token's x (padded to whole W blocks) as int16 codes, one fp32 scale per W block: scale = absmax / L,
+    /// code = round-half-even(x · (L / absmax)) clamped to ±L (L = <see cref="Q8ActivationLimit"/> or
+    /// <see cref="Nf4ActivationLimit"/>); a block with absmax below <see cref="IntegerGemm.MinAbsMax"/> gives zeros and scale 0,
+    /// one holding a NaN or an infinity zeros and scale NaN (so the outputs are NaN). q8: the codes in x's order.
+    /// nf4: in the order of <see cref="DotNf4FourRowsInt16"/>, 128 codes per pair of blocks (an odd last block pairs with zeros).
     /// </summary>
-    private static void DotNf4FourRowsVector512(byte* codes, float* scales, int blocks, float* x, float* permutedX, byte* ahead, Span<float> sums)
+    internal static void QuantizeOneToken(QuantFormat format, float* x, int blocks, short* codes, float* scales)
     {
-        nint rowBytes = (nint)blocks * 32;
-        byte* q0 = codes, q1 = q0 + rowBytes, q2 = q1 + rowBytes, q3 = q2 + rowBytes;
-        float* c0 = scales, c1 = c0 + blocks, c2 = c1 + blocks, c3 = c2 + blocks;
-        Vector512<float> table = Vector512.Create(Quantizer.Nf4Codes);
+        if (format == QuantFormat.Q8)
+        {
+            for (int b = 0; b < blocks; b++)
+            {
+                float* source = x + b * 32;
+                Vector512<float> v0 = Vector512.Load(source), v1 = Vector512.Load(source + 16);
+                scales[b] = BlockInverse(Vector512.MaxNative(Vector512.Abs(v0), Vector512.Abs(v1)), Vector512.IsFinite(v0) & Vector512.IsFinite(v1), Q8ActivationLimit, out Vector512<float> inverse);
+                Vector512.Create(ToInt16(v0 * inverse, Q8ActivationLimit), ToInt16(v1 * inverse, Q8ActivationLimit)).Store(codes + b * 32);
+            }
+            return;
+        }
+        // Pair p, run s (the kernel's shift by 4s), word i: nibble s of the code byte 2i + s / 2 of the pair's 64 bytes
+        // (block 2p + i / 16, byte j = 2 (i mod 16) + s / 2): element j for even s, j + 32 for odd s. So run s takes the
+        // even (s &lt; 2) or odd elements of one half (s even: 0-31, odd: 32-63) of each block: one two-source word permute.
+        var even = Vector512.Create((short)0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62);
+        var odd = even + Vector512<short>.One;
+        Vector512<short>* halves = stackalloc Vector512<short>[4];
+        for (int b = 0; b < blocks; b += 2)
+        {
+            for (int e = 0; e < 2; e++)
+            {
+                if (b + e == blocks)
+                {
+                    // The zero partner of an odd last block (its combined scale is the zero CombineScales leaves).
+                    halves[2] = halves[3] = Vector512<short>.Zero;
+                    break;
+                }
+                float* source = x + (b + e) * 64;
+                Vector512<float> v0 = Vector512.Load(source), v1 = Vector512.Load(source + 16), v2 = Vector512.Load(source + 32), v3 = Vector512.Load(source + 48);
+                Vector512<float> peak = Vector512.MaxNative(Vector512.MaxNative(Vector512.Abs(v0), Vector512.Abs(v1)), Vector512.MaxNative(Vector512.Abs(v2), Vector512.Abs(v3)));
+                var finite = Vector512.IsFinite(v0) & Vector512.IsFinite(v1) & Vector512.IsFinite(v2) & Vector512.IsFinite(v3);
+                // The int16 table carries a factor Nf4TableLimit, which the block's scale takes out.
+                scales[b + e] = BlockInverse(peak, finite, Nf4ActivationLimit, out Vector512<float> inverse) / Nf4TableLimit;
+                halves[2 * e] = Vector512.Create(ToInt16(v0 * inverse, Nf4ActivationLimit), ToInt16(v1 * inverse, Nf4ActivationLimit));
+                halves[2 * e + 1] = Vector512.Create(ToInt16(v2 * inverse, Nf4ActivationLimit), ToInt16(v3 * inverse, Nf4ActivationLimit));
+            }
+            short* target = codes + b * 64;
+            Avx512BW.PermuteVar32x16x2(halves[0], even, halves[2]).Store(target);
+            Avx512BW.PermuteVar32x16x2(halves[1], even, halves[3]).Store(target + 32);
+            Avx512BW.PermuteVar32x16x2(halves[0], odd, halves[2]).Store(target + 64);
+            Avx512BW.PermuteVar32x16x2(halves[1], odd, halves[3]).Store(target + 96);
+        }
+    }
+
+    /// <summary>A block's scale from its lanes' peaks, and the multiplier that turns its values into codes (0 for a zero or bad block).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float BlockInverse(Vector512<float> peak, Vector512<float> finite, int limit, out Vector512<float> inverse)
+    {
+        float absMax = MaxLane(peak);
+        bool allFinite = finite.AsInt32() == Vector512<int>.AllBitsSet;
+        if (!allFinite || absMax < IntegerGemm.MinAbsMax)
+        {
+            inverse = Vector512<float>.Zero;
+            return allFinite ? 0f : float.NaN;
+        }
+        inverse = Vector512.Create(limit / absMax);
+        return absMax / limit;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float MaxLane(Vector512<float> v)
+    {
+        Vector256<float> half = Vector256.MaxNative(v.GetLower(), v.GetUpper());
+        Vector128<float> quarter = Vector128.MaxNative(half.GetLower(), half.GetUpper());
+        return MathF.Max(MathF.Max(quarter[0], quarter[1]), MathF.Max(quarter[2], quarter[3]));
+    }
+
+    /// <summary>16 scaled values rounded half to even (vcvtps2dq) and clamped to ±limit, as int16.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector256<short> ToInt16(Vector512<float> scaled, int limit)
+    {
+        Vector512<int> bound = Vector512.Create(limit);
+        return Avx512F.ConvertToVector256Int16(Vector512.Clamp(Avx512F.ConvertToVector512Int32(scaled), -bound, bound));
+    }
+
+    /// <summary>x's block scales times 2^112 into <paramref name="rebiased"/>; false where one would overflow (the scale is above 2^15).</summary>
+    internal static bool RebiasScales(float* scales, int blocks, float* rebiased)
+    {
+        const float Rebias = 5.192296858534828e33f; // 2^112
+        bool fits = true;
+        for (int b = 0; b < blocks; b++)
+        {
+            fits &= !(scales[b] > 32768f);
+            rebiased[b] = scales[b] * Rebias;
+        }
+        return fits;
+    }
+
+    /// <summary>
+    /// <paramref name="blocks"/> W block scales from index <paramref name="first"/> times x's, then zeros up to
+    /// <paramref name="stride"/> (past an odd nf4 block count: the scale of the kernel's zero partner block). fp16 scales: a half's bits shifted left by 13 are
+    /// the fp32 bits of its value times 2^-112 (subnormal halves included), so where x's scales times 2^112 are given
+    /// (<paramref name="rebiasedXScales"/>, null where that would overflow) 16 scales take a widening load, a shift and a
+    /// multiply, and come out exactly as widening then multiplying would give them. A vector holding a negative scale,
+    /// an infinity or a NaN (never written by <see cref="Quantizer"/>) takes the exact widening.
+    /// </summary>
+    internal static void CombineScales(QuantizedMatrix w, long first, int blocks, int stride, float* xScales, float* rebiasedXScales, float* target)
+    {
+        int b = 0;
+        if (w.ScaleType == DType.F32)
+        {
+            float* source = (float*)w.ScaleData + first;
+            for (; b + 16 <= blocks; b += 16)
+                (Vector512.Load(source + b) * Vector512.Load(xScales + b)).Store(target + b);
+            for (; b < blocks; b++)
+                target[b] = source[b] * xScales[b];
+        }
+        else
+        {
+            ushort* source = (ushort*)w.ScaleData + first;
+            if (rebiasedXScales != null)
+            {
+                for (; b + 16 <= blocks; b += 16)
+                {
+                    Vector512<uint> bits = Avx512F.ConvertToVector512UInt32(Vector256.Load(source + b));
+                    if (Vector512.GreaterThanOrEqualAny(bits, Vector512.Create(0x7C00u)))
+                        break;
+                    ((bits << 13).AsSingle() * Vector512.Load(rebiasedXScales + b)).Store(target + b);
+                }
+            }
+            if (b < blocks)
+            {
+                WidenHalves(source + b, target + b, blocks - b);
+                for (; b + 16 <= blocks; b += 16)
+                    (Vector512.Load(target + b) * Vector512.Load(xScales + b)).Store(target + b);
+                for (; b < blocks; b++)
+                    target[b] *= xScales[b];
+            }
+        }
+        for (; b < stride; b++)
+            target[b] = 0f;
+    }
+
+    /// <summary>
+    /// Four q8 W rows by one token of int16 activations: per block, sign-extend 32 codes to int16, one vpmaddwd against
+    /// x's codes (shared by the rows), convert, and one FMA by the combined scale. Even and odd blocks keep separate sums
+    /// (eight FMA chains hide the FMA latency).
+    /// </summary>
+    private static void DotQ8FourRowsInt16(byte* r0, byte* r1, byte* r2, byte* r3, int blocks, float* scales, int scaleStride, short* x, nint ahead, float* sums)
+    {
+        sbyte* q0 = (sbyte*)r0, q1 = (sbyte*)r1, q2 = (sbyte*)r2, q3 = (sbyte*)r3;
+        float* c0 = scales, c1 = c0 + scaleStride, c2 = c1 + scaleStride, c3 = c2 + scaleStride;
+        Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;
+        int b = 0;
+        for (; b + 2 <= blocks; b += 2)
+        {
+            int o = b * 32;
+            if (ahead != 0)
+            {
+                Sse.Prefetch0(q0 + o + ahead);
+                Sse.Prefetch0(q1 + o + ahead);
+                Sse.Prefetch0(q2 + o + ahead);
+                Sse.Prefetch0(q3 + o + ahead);
+            }
+            Vector512<short> x0 = Vector512.Load(x + o), x1 = Vector512.Load(x + o + 32);
+            a0 = Q8BlockInt16(q0 + o, x0, c0[b], a0); e0 = Q8BlockInt16(q0 + o + 32, x1, c0[b + 1], e0);
+            a1 = Q8BlockInt16(q1 + o, x0, c1[b], a1); e1 = Q8BlockInt16(q1 + o + 32, x1, c1[b + 1], e1);
+            a2 = Q8BlockInt16(q2 + o, x0, c2[b], a2); e2 = Q8BlockInt16(q2 + o + 32, x1, c2[b + 1], e2);
+            a3 = Q8BlockInt16(q3 + o, x0, c3[b], a3); e3 = Q8BlockInt16(q3 + o + 32, x1, c3[b + 1], e3);
+        }
+        if (b < blocks)
+        {
+            int o = b * 32;
+            Vector512<short> x0 = Vector512.Load(x + o);
+            a0 = Q8BlockInt16(q0 + o, x0, c0[b], a0);
+            a1 = Q8BlockInt16(q1 + o, x0, c1[b], a1);
+            a2 = Q8BlockInt16(q2 + o, x0, c2[b], a2);
+            a3 = Q8BlockInt16(q3 + o, x0, c3[b], a3);
+        }
+        sums[0] = Vector512.Sum(a0 + e0); sums[1] = Vector512.Sum(a1 + e1); sums[2] = Vector512.Sum(a2 + e2); sums[3] = Vector512.Sum(a3 + e3);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Q8BlockInt16(sbyte* q, Vector512<short> x, float scale, Vector512<float> sum) =>
+        Vector512.FusedMultiplyAdd(Avx512F.ConvertToVector512Single(Avx512BW.MultiplyAddAdjacent(Avx512BW.ConvertToVector512Int16(Vector256.Load(q)), x)),
+            Vector512.Create(scale), sum);
+
+    /// <summary>
+    /// Four nf4 W rows by one token of int16 activations, two blocks (64 code bytes) per step. Word i of the codes shifted
+    /// right by 4s holds nibble s of byte 2i + s / 2 in its low bits (vpermw reads 5, the table is repeated), so 3 shifts
+    /// feed 4 lookups of 32 int16 weights, each multiplied with x's codes (vpmaddwd, in the order
+    /// <see cref="QuantizeOneToken"/> writes). Int32 lanes 0-7 hold bytes 0-31 (the first block), 8-15 the second, so a
+    /// pair's sum is converted once and scaled by a vector of both blocks' combined scales. An odd last block pairs with zeros.
+    /// </summary>
+    private static void DotNf4FourRowsInt16(byte* q0, byte* q1, byte* q2, byte* q3, int blocks, float* scales, int scaleStride, short* x, nint ahead, float* sums)
+    {
+        float* c0 = scales, c1 = c0 + scaleStride, c2 = c1 + scaleStride, c3 = c2 + scaleStride;
+        Vector512<short> table = Nf4Int16Table;
         Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
         int b = 0;
         for (; b + 2 <= blocks; b += 2)
         {
             int o = b * 32;
-            if (ahead != null)
+            if (ahead != 0)
             {
-                Sse.Prefetch0(ahead + 4 * o);
-                Sse.Prefetch0(ahead + 4 * o + 64);
-                Sse.Prefetch0(ahead + 4 * o + 128);
-                Sse.Prefetch0(ahead + 4 * o + 192);
+                Sse.Prefetch0(q0 + o + ahead);
+                Sse.Prefetch0(q1 + o + ahead);
+                Sse.Prefetch0(q2 + o + ahead);
+                Sse.Prefetch0(q3 + o + ahead);
             }
-            float* xp = permutedX + b * 64;
-            a0 = Vector512.FusedMultiplyAdd(Nf4Pair(table, q0 + o, xp), PairScales(c0 + b), a0);
-            a1 = Vector512.FusedMultiplyAdd(Nf4Pair(table, q1 + o, xp), PairScales(c1 + b), a1);
-            a2 = Vector512.FusedMultiplyAdd(Nf4Pair(table, q2 + o, xp), PairScales(c2 + b), a2);
-            a3 = Vector512.FusedMultiplyAdd(Nf4Pair(table, q3 + o, xp), PairScales(c3 + b), a3);
+            short* xp = x + b * 64;
+            Vector512<short> x0 = Vector512.Load(xp), x1 = Vector512.Load(xp + 32), x2 = Vector512.Load(xp + 64), x3 = Vector512.Load(xp + 96);
+            a0 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q0 + o)), x0, x1, x2, x3), PairScales(c0 + b), a0);
+            a1 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q1 + o)), x0, x1, x2, x3), PairScales(c1 + b), a1);
+            a2 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q2 + o)), x0, x1, x2, x3), PairScales(c2 + b), a2);
+            a3 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q3 + o)), x0, x1, x2, x3), PairScales(c3 + b), a3);
         }
         if (b < blocks)
         {
-            float* xb = x + b * 64;
-            Vector512<float> x0 = Vector512.Load(xb), x1 = Vector512.Load(xb + 16), x2 = Vector512.Load(xb + 32), x3 = Vector512.Load(xb + 48);
+            // The last block's 32 bytes and 32 zero bytes (the zero partner's x codes and scale are zero).
             int o = b * 32;
-            a0 = Vector512.FusedMultiplyAdd(Nf4Block(table, q0 + o, x0, x1, x2, x3), Vector512.Create(c0[b]), a0);
-            a1 = Vector512.FusedMultiplyAdd(Nf4Block(table, q1 + o, x0, x1, x2, x3), Vector512.Create(c1[b]), a1);
-            a2 = Vector512.FusedMultiplyAdd(Nf4Block(table, q2 + o, x0, x1, x2, x3), Vector512.Create(c2[b]), a2);
-            a3 = Vector512.FusedMultiplyAdd(Nf4Block(table, q3 + o, x0, x1, x2, x3), Vector512.Create(c3[b]), a3);
+            short* xp = x + b * 64;
+            Vector512<short> x0 = Vector512.Load(xp), x1 = Vector512.Load(xp + 32), x2 = Vector512.Load(xp + 64), x3 = Vector512.Load(xp + 96);
+            a0 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q0 + o)).ToVector512(), x0, x1, x2, x3), PairScales(c0 + b), a0);
+            a1 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q1 + o)).ToVector512(), x0, x1, x2, x3), PairScales(c1 + b), a1);
+            a2 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q2 + o)).ToVector512(), x0, x1, x2, x3), PairScales(c2 + b), a2);
+            a3 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q3 + o)).ToVector512(), x0, x1, x2, x3), PairScales(c3 + b), a3);
         }
         sums[0] = Vector512.Sum(a0); sums[1] = Vector512.Sum(a1); sums[2] = Vector512.Sum(a2); sums[3] = Vector512.Sum(a3);
     }
 
-    /// <summary>Per lane, Σ over the 8 nibbles of its code dword of NF4[nibble] · x (two running sums for a shorter chain).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> Nf4Pair(Vector512<float> table, byte* q, float* xp)
+    private static Vector512<float> Nf4PairInt16(Vector512<short> table, Vector512<ushort> c, Vector512<short> x0, Vector512<short> x1, Vector512<short> x2, Vector512<short> x3)
     {
-        Vector512<uint> c = Vector512.Load((uint*)q);
-        Vector512<float> t = Avx512F.PermuteVar16x32(table, c.AsInt32()) * Vector512.Load(xp);
-        Vector512<float> u = Avx512F.PermuteVar16x32(table, (c >> 4).AsInt32()) * Vector512.Load(xp + 16);
-        t = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, (c >> 8).AsInt32()), Vector512.Load(xp + 32), t);
-        u = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, (c >> 12).AsInt32()), Vector512.Load(xp + 48), u);
-        t = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, (c >> 16).AsInt32()), Vector512.Load(xp + 64), t);
-        u = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, (c >> 20).AsInt32()), Vector512.Load(xp + 80), u);
-        t = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, (c >> 24).AsInt32()), Vector512.Load(xp + 96), t);
-        u = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, (c >> 28).AsInt32()), Vector512.Load(xp + 112), u);
-        return t + u;
+        Vector512<int> t = Avx512BW.MultiplyAddAdjacent(Avx512BW.PermuteVar32x16(table, c.AsInt16()), x0);
+        Vector512<int> u = Avx512BW.MultiplyAddAdjacent(Avx512BW.PermuteVar32x16(table, (c >> 4).AsInt16()), x1);
+        t += Avx512BW.MultiplyAddAdjacent(Avx512BW.PermuteVar32x16(table, (c >> 8).AsInt16()), x2);
+        u += Avx512BW.MultiplyAddAdjacent(Avx512BW.PermuteVar32x16(table, (c >> 12).AsInt16()), x3);
+        return Avx512F.ConvertToVector512Single(t + u);
     }
 
     /// <summary>scales[0] in lanes 0-7, scales[1] in lanes 8-15.</summary>
@@ -469,18 +650,6 @@ public static unsafe class QuantMatMul
     private static Vector512<float> PairScales(float* scales) =>
         Vector512.ConditionalSelect(Vector512.Create(0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1).AsSingle(),
             Vector512.Create(scales[1]), Vector512.Create(scales[0]));
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> Nf4Block(Vector512<float> table, byte* q, Vector512<float> x0, Vector512<float> x1, Vector512<float> x2, Vector512<float> x3)
-    {
-        // vpermps reads only the low 4 bits of each index: the low nibble needs no mask.
-        Vector512<int> lo = Avx512F.ConvertToVector512Int32(Vector128.Load(q));
-        Vector512<int> hi = Avx512F.ConvertToVector512Int32(Vector128.Load(q + 16));
-        Vector512<float> t = Avx512F.PermuteVar16x32(table, lo) * x0;
-        t = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, hi), x1, t);
-        t = Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, Vector512.ShiftRightLogical(lo, 4)), x2, t);
-        return Vector512.FusedMultiplyAdd(Avx512F.PermuteVar16x32(table, Vector512.ShiftRightLogical(hi, 4)), x3, t);
-    }
 
     private static void DotNf4Vector512(byte* codes, float* scales, int blocks, float* x0, int xStride, int count,
         out float s0, out float s1, out float s2, out float s3)

@@ -192,8 +192,8 @@ public sealed unsafe class QuantKernelTests
         if (Avx512F.IsSupported && Avx512BW.IsSupported) Check(c, QuantMatMul.GemvPath.Vector512);
     }
 
-    // One token over several work items whose row counts are not multiples of 4 or 16: the four-row passes of each item,
-    // their prefetch stopping at the item's end, the rows left past them, and a last short item.
+    // One token over several work items whose row counts are not multiples of 4 or 16: the four lanes of each item, the
+    // rows left past them (a short last step), and a last short item.
     [Property(MaxTest = 40)]
     public void Avx512_one_token_gemv_covers_uneven_items(bool nf4, bool fp32Scales, bool bias, byte kSeed, ushort nSeed, int seed)
     {
@@ -211,32 +211,10 @@ public sealed unsafe class QuantKernelTests
     [InlineData(QuantFormat.Nf4, 3, 2100, 300)]
     [InlineData(QuantFormat.Q8, 70, 1100, 530)]
     [InlineData(QuantFormat.Nf4, 9, 4500, 140)]
-    [InlineData(QuantFormat.Nf4, 1, 4500, 140)] // one token: the nibble-shift kernel, an odd last block, prefetch across passes
-    [InlineData(QuantFormat.Q8, 1, 4128, 203)]  // one token: an odd block count, rows left over after the 4-row passes
+    [InlineData(QuantFormat.Nf4, 1, 4500, 140)] // one token: the int16 kernels, an odd last block, lanes and prefetch
+    [InlineData(QuantFormat.Q8, 1, 4128, 203)]  // one token: an odd block count, rows left over after the lanes
     public void Fused_multiply_matches_reference_on_parallel_shapes(QuantFormat format, int rows, int k, int n) =>
         Check(new QuantMatMulCase(format, rows, k, n, Bias: true, SoftCap: 0f, Seed: rows * 7 + k), path: null);
-
-    [Theory]
-    [InlineData(64)]
-    [InlineData(128)]
-    [InlineData(7 * 64)]
-    public void X_is_permuted_to_the_nibble_order_of_the_one_token_nf4_kernel(int length)
-    {
-        var x = new float[length];
-        for (int i = 0; i < length; i++) x[i] = i;
-        var permuted = new float[length];
-        QuantMatMul.PermuteForNf4Pairs(x, permuted);
-        // Pair p, run s, lane l: dword l of the pair's 64 code bytes (block 2p + l / 8, bytes 4 (l mod 8)..+3), nibble s
-        // (byte s / 2 of the dword, low nibble for even s: element j, high for odd s: element j + 32).
-        for (int p = 0; p < length / 128; p++)
-            for (int shift = 0; shift < 8; shift++)
-                for (int lane = 0; lane < 16; lane++)
-                {
-                    int block = 2 * p + lane / 8, j = 4 * (lane % 8) + shift / 2;
-                    Assert.Equal(block * 64 + j + (shift % 2 == 1 ? 32 : 0), permuted[p * 128 + shift * 16 + lane]);
-                }
-        for (int i = length / 128 * 128; i < length; i++) Assert.Equal(i, permuted[i]);
-    }
 
     [Fact]
     public void Fp16_scales_widen_exactly_for_every_bit_pattern()
@@ -287,10 +265,18 @@ public sealed unsafe class QuantKernelTests
         var integerPath = panels || packedWidth != null ? IntegerGemm.Path.None : QuantMatMul.PrefillPath(c.Rows, q);
         bool integer = integerPath != IntegerGemm.Path.None;
         double stepFraction = integer ? 0.5 / IntegerGemm.ActivationLimit(integerPath) : 0;
+        // One token on AVX-512: x coded to int16 per W block (OneTokenGemvTests checks it exactly), nf4 weights through
+        // the int16 table; here within half a code step of each (x's per element, the table's per weight).
+        bool oneToken = !panels && packedWidth == null && QuantMatMul.UsesInt16Activations(c.Rows, path ?? QuantMatMul.BestGemvPath);
+        int oneTokenBlock = c.Format.BlockSize();
+        double oneTokenStep = c.Format == QuantFormat.Q8 ? 0.5 / QuantMatMul.Q8ActivationLimit : 0.5 / QuantMatMul.Nf4ActivationLimit;
+        double tableStep = c.Format == QuantFormat.Nf4 ? 0.5 / QuantMatMul.Nf4TableLimit : 0;
         var row = new float[c.K];
+        var weightScales = new float[q.BlocksPerRow];
         for (int n = 0; n < c.N; n++)
         {
             q.DequantizeRow(n, row);
+            q.ReadScales(n, weightScales);
             for (int m = 0; m < c.Rows; m++)
             {
                 double sum = c.Bias ? bias[n] : 0, magnitude = Math.Abs(sum), activationError = 0;
@@ -308,6 +294,17 @@ public sealed unsafe class QuantKernelTests
                         weightSum += Math.Abs(row[i]);
                     }
                     activationError += absMax * stepFraction * weightSum;
+                }
+                for (int b = 0; oneToken && b * oneTokenBlock < c.K; b++)
+                {
+                    double absMax = 0, weightSum = 0, xSum = 0;
+                    for (int i = b * oneTokenBlock; i < Math.Min(c.K, (b + 1) * oneTokenBlock); i++)
+                    {
+                        absMax = Math.Max(absMax, Math.Abs(x[m * c.K + i]));
+                        weightSum += Math.Abs(row[i]);
+                        xSum += Math.Abs(x[m * c.K + i]);
+                    }
+                    activationError += absMax * oneTokenStep * weightSum + xSum * Math.Abs(weightScales[b]) * tableStep;
                 }
                 double expected = c.SoftCap > 0 ? c.SoftCap * Math.Tanh(sum / c.SoftCap) : sum;
                 double tolerance = 1e-5 * magnitude + 1e-6 + activationError * (1 + 1e-4);
