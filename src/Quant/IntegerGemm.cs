@@ -57,6 +57,9 @@ internal static unsafe class IntegerGemm
     // Larger items (fewer passes over the x codes) and shorter chunks (an x panel in L1) measured no faster.
     private const int TileRows = 64;
     private const int ChunkBlocks = 32;
+    // Work items split the W rows at multiples of 16: each item's y columns then start on a 64-byte line (when y's rows
+    // do), so the 16 x 16 transposes store whole lines and two threads never write one line.
+    private const int RangeAlignment = 16;
     // Below this many multiply-adds the fork/join costs more than it saves.
     private const long ParallelThreshold = 1L << 20;
 
@@ -113,15 +116,15 @@ internal static unsafe class IntegerGemm
                 var activations = new QuantizedActivations(layout, cp, sp, zp, blocks);
                 KernelThreading.For(groups, parallel, new QuantizeGroups(activations, xp, rows, w.Cols));
 
-                // Work items: W row ranges of at most TileRows (whole micro-kernel groups, split evenly) times x row
+                // Work items: W row ranges of at most TileRows (whole RangeAlignment units, split evenly) times x row
                 // slices. With several threads the item count is made a multiple of the thread count (more ranges,
                 // else more slices for narrow outputs), so that equal items end together.
                 int threads = parallel ? KernelThreading.MaxThreads : 1;
                 int units = paddedRows / layout.XRows;
-                int wGroups = (n + layout.WRows - 1) / layout.WRows;
-                int ranges = (wGroups + TileRows / layout.WRows - 1) / (TileRows / layout.WRows);
+                int wUnits = (n + RangeAlignment - 1) / RangeAlignment;
+                int ranges = (wUnits + TileRows / RangeAlignment - 1) / (TileRows / RangeAlignment);
                 int slices = 1;
-                while ((ranges * slices) % threads != 0 && ranges < wGroups)
+                while ((ranges * slices) % threads != 0 && ranges < wUnits)
                     ranges++;
                 while ((ranges * slices) % threads != 0 && slices < units)
                     slices++;
@@ -129,7 +132,7 @@ internal static unsafe class IntegerGemm
                 fixed (int* next = claims)
                 {
                     *next = 0;
-                    var job = new Tiles(activations, w, rows, units, slices, wGroups, ranges, next, bias.IsEmpty ? null : bp, yp, softCap);
+                    var job = new Tiles(activations, w, rows, units, slices, wUnits, ranges, next, bias.IsEmpty ? null : bp, yp, softCap);
                     KernelThreading.For(Math.Min(threads, ranges * slices), parallel, job);
                 }
             }
@@ -354,7 +357,7 @@ internal static unsafe class IntegerGemm
     /// last chunk of the current one starts, so that the W rows of the next item's first chunk can be prefetched
     /// under that chunk's arithmetic (the W of a model's layer is read once per call, from memory).
     /// </summary>
-    private readonly struct Tiles(QuantizedActivations activations, QuantizedMatrix w, int rows, int units, int slices, int wGroups, int ranges,
+    private readonly struct Tiles(QuantizedActivations activations, QuantizedMatrix w, int rows, int units, int slices, int wUnits, int ranges,
         int* next, float* bias, float* y, float softCap) : IWorkItems
     {
         private int Count => ranges * slices;
@@ -367,11 +370,11 @@ internal static unsafe class IntegerGemm
                 item = RunItem(item);
         }
 
-        /// <summary>W rows [first, end) of range <paramref name="range"/>: an even share of the micro-kernel groups.</summary>
-        private (int First, int End) RangeRows(int range, int wRows)
+        /// <summary>W rows [first, end) of range <paramref name="range"/>: an even share of the RangeAlignment units.</summary>
+        private (int First, int End) RangeRows(int range)
         {
-            int first = (int)((long)range * wGroups / ranges) * wRows;
-            int end = (int)((long)(range + 1) * wGroups / ranges) * wRows;
+            int first = (int)((long)range * wUnits / ranges) * RangeAlignment;
+            int end = (int)((long)(range + 1) * wUnits / ranges) * RangeAlignment;
             return (first, Math.Min(end, w.Rows));
         }
 
@@ -381,7 +384,7 @@ internal static unsafe class IntegerGemm
             Layout layout = activations.Layout;
             int n = w.Rows, blocks = w.BlocksPerRow;
             int range = item / slices, slice = item % slices;
-            (int n0, int n1) = RangeRows(range, layout.WRows);
+            (int n0, int n1) = RangeRows(range);
             int tileRows = n1 - n0;
             int stagedRows = (tileRows + layout.WRows - 1) / layout.WRows * layout.WRows;
             int m0 = (int)((long)slice * units / slices) * layout.XRows;
@@ -407,7 +410,8 @@ internal static unsafe class IntegerGemm
                     Stage(layout, w, n0, tileRows, stagedRows, b0, count, chunk, wCodes, wScales);
                     // The W rows staged next (this item's next chunk, else the first chunk of the item this thread
                     // claims now) are asked for a few rows before each micro-kernel call, so that they arrive from
-                    // memory under the arithmetic.
+                    // memory under the arithmetic. (Asking for the next x panel or for the y lines as well measured
+                    // slower: the hardware prefetchers follow those streams.)
                     var prefetch = default(WeightPrefetch);
                     if (b0 + chunk < blocks)
                         prefetch = new WeightPrefetch(w, n0, tileRows, b0 + chunk, Math.Min(chunk, blocks - b0 - chunk));
@@ -416,7 +420,7 @@ internal static unsafe class IntegerGemm
                         following = Interlocked.Increment(ref *next) - 1;
                         if (following < Count && following / slices != range)
                         {
-                            (int f0, int f1) = RangeRows(following / slices, layout.WRows);
+                            (int f0, int f1) = RangeRows(following / slices);
                             prefetch = new WeightPrefetch(w, f0, f1 - f0, 0, chunk);
                         }
                     }
