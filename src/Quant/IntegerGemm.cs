@@ -53,9 +53,13 @@ internal static unsafe class IntegerGemm
     internal const float MinAbsMax = 1e-30f;
 
     private const int BlockSize = 32;
-    // W rows per work item and K blocks staged at a time: 64 rows of 32 blocks is 64 KB of codes (128 KB widened).
+    // Most W rows per work item and K blocks staged at a time: 64 rows of 32 blocks is 64 KB of codes (128 KB widened).
+    // Larger items (fewer passes over the x codes) and shorter chunks (an x panel in L1) measured no faster.
     private const int TileRows = 64;
     private const int ChunkBlocks = 32;
+    // Work items split the W rows at multiples of 16: each item's y columns then start on a 64-byte line (when y's rows
+    // do), so the 16 x 16 transposes store whole lines and two threads never write one line.
+    private const int RangeAlignment = 16;
     // Below this many multiply-adds the fork/join costs more than it saves.
     private const long ParallelThreshold = 1L << 20;
 
@@ -112,15 +116,25 @@ internal static unsafe class IntegerGemm
                 var activations = new QuantizedActivations(layout, cp, sp, zp, blocks);
                 KernelThreading.For(groups, parallel, new QuantizeGroups(activations, xp, rows, w.Cols));
 
-                int tiles = (n + TileRows - 1) / TileRows;
-                // Few W tiles (narrow outputs): split the x rows too so every thread has work.
+                // Work items: W row ranges of at most TileRows (whole RangeAlignment units, split evenly) times x row
+                // slices. With several threads the item count is made a multiple of the thread count (more ranges,
+                // else more slices for narrow outputs), so that equal items end together.
                 int threads = parallel ? KernelThreading.MaxThreads : 1;
                 int units = paddedRows / layout.XRows;
-                int slices = Math.Clamp((4 * threads + tiles - 1) / tiles, 1, units);
-                int sliceRows = (units + slices - 1) / slices * layout.XRows;
-                slices = (paddedRows + sliceRows - 1) / sliceRows;
-                var job = new Tiles(activations, w, rows, paddedRows, sliceRows, slices, threads, bias.IsEmpty ? null : bp, yp, softCap);
-                KernelThreading.For(tiles * slices, parallel, job);
+                int wUnits = (n + RangeAlignment - 1) / RangeAlignment;
+                int ranges = (wUnits + TileRows / RangeAlignment - 1) / (TileRows / RangeAlignment);
+                int slices = 1;
+                while ((ranges * slices) % threads != 0 && ranges < wUnits)
+                    ranges++;
+                while ((ranges * slices) % threads != 0 && slices < units)
+                    slices++;
+                int[] claims = t_claims ??= GC.AllocateArray<int>(ClaimStride, pinned: true);
+                fixed (int* next = claims)
+                {
+                    *next = 0;
+                    var job = new Tiles(activations, w, rows, units, slices, wUnits, ranges, next, bias.IsEmpty ? null : bp, yp, softCap);
+                    KernelThreading.For(Math.Min(threads, ranges * slices), parallel, job);
+                }
             }
         }
         finally
@@ -136,6 +150,9 @@ internal static unsafe class IntegerGemm
     [ThreadStatic] private static float[]? t_scales;
     [ThreadStatic] private static int[]? t_codeSums;
     [ThreadStatic] private static byte[]? t_staged;
+    // The calling thread's item counter, which every thread of one call claims items from (a cache line of its own).
+    [ThreadStatic] private static int[]? t_claims;
+    private const int ClaimStride = 16;
     [ThreadStatic] private static float[]? t_sums;
 
     /// <summary>
@@ -333,22 +350,45 @@ internal static unsafe class IntegerGemm
     }
 
     /// <summary>
-    /// One work item: TileRows W rows against one slice of the x rows. For each K chunk the W rows are staged (VNNI:
-    /// codes offset by +128; otherwise widened codes; then scales; zero rows pad the tile to whole micro-kernels), then
-    /// every pair of x groups sweeps them. The fp32 sums are kept as [W row][x row] and transposed into y at the end.
+    /// The work items, each one range of W rows (at most TileRows) against one slice of the x rows. For each K chunk the
+    /// W rows are staged (VNNI: codes offset by +128; otherwise widened codes; then scales; zero rows pad the range to
+    /// whole micro-kernels), then every pair of x groups sweeps them. The fp32 sums are kept as [W row][x row] and
+    /// transposed into y at the end. Each thread claims items from a shared counter, and claims its next one as the
+    /// last chunk of the current one starts, so that the W rows of the next item's first chunk can be prefetched
+    /// under that chunk's arithmetic (the W of a model's layer is read once per call, from memory).
     /// </summary>
-    private readonly struct Tiles(QuantizedActivations activations, QuantizedMatrix w, int rows, int paddedRows, int sliceRows, int slices, int threads,
-        float* bias, float* y, float softCap) : IWorkItems
+    private readonly struct Tiles(QuantizedActivations activations, QuantizedMatrix w, int rows, int units, int slices, int wUnits, int ranges,
+        int* next, float* bias, float* y, float softCap) : IWorkItems
     {
-        public void Run(int item)
+        private int Count => ranges * slices;
+
+        /// <summary>One per thread: runs items until none are left (a thread that joins late may find none).</summary>
+        public void Run(int thread)
+        {
+            int item = Interlocked.Increment(ref *next) - 1;
+            while (item < Count)
+                item = RunItem(item);
+        }
+
+        /// <summary>W rows [first, end) of range <paramref name="range"/>: an even share of the RangeAlignment units.</summary>
+        private (int First, int End) RangeRows(int range)
+        {
+            int first = (int)((long)range * wUnits / ranges) * RangeAlignment;
+            int end = (int)((long)(range + 1) * wUnits / ranges) * RangeAlignment;
+            return (first, Math.Min(end, w.Rows));
+        }
+
+        /// <summary>Runs <paramref name="item"/> and returns the item this thread runs next (Count: none).</summary>
+        private int RunItem(int item)
         {
             Layout layout = activations.Layout;
             int n = w.Rows, blocks = w.BlocksPerRow;
-            int n0 = item / slices * TileRows;
-            int tileRows = Math.Min(TileRows, n - n0);
+            int range = item / slices, slice = item % slices;
+            (int n0, int n1) = RangeRows(range);
+            int tileRows = n1 - n0;
             int stagedRows = (tileRows + layout.WRows - 1) / layout.WRows * layout.WRows;
-            int m0 = item % slices * sliceRows;
-            int m1 = Math.Min(m0 + sliceRows, paddedRows);
+            int m0 = (int)((long)slice * units / slices) * layout.XRows;
+            int m1 = (int)((long)(slice + 1) * units / slices) * layout.XRows;
             int width = m1 - m0;
             int chunk = Math.Min(ChunkBlocks, blocks);
             int rowBytes = chunk * BlockSize * layout.CodeSize;
@@ -357,6 +397,7 @@ internal static unsafe class IntegerGemm
             byte[] staged = t_staged is { } p && p.Length >= stagedBytes ? p : (t_staged = GC.AllocateUninitializedArray<byte>(stagedBytes, pinned: true));
             int sumCount = stagedRows * width;
             float[] sums = t_sums is { } s && s.Length >= sumCount ? s : (t_sums = GC.AllocateUninitializedArray<float>(sumCount, pinned: true));
+            int following = Count;
             fixed (byte* stagedPointer = staged)
             fixed (float* sumPointer = sums)
             {
@@ -367,13 +408,22 @@ internal static unsafe class IntegerGemm
                 {
                     int count = Math.Min(chunk, blocks - b0);
                     Stage(layout, w, n0, tileRows, stagedRows, b0, count, chunk, wCodes, wScales);
-                    // The W rows staged next (this tile's next chunk, else the first chunk of the tile this thread most
-                    // likely takes next: the threads claim items in turn) are asked for a few rows before each
-                    // micro-kernel call, so that they arrive from memory under the arithmetic.
-                    int nextTile = (item + threads) / slices * TileRows;
-                    var prefetch = b0 + chunk < blocks
-                        ? new WeightPrefetch(w, n0, tileRows, b0 + chunk, Math.Min(chunk, blocks - b0 - chunk))
-                        : nextTile != n0 && nextTile < n ? new WeightPrefetch(w, nextTile, Math.Min(TileRows, n - nextTile), 0, chunk) : default;
+                    // The W rows staged next (this item's next chunk, else the first chunk of the item this thread
+                    // claims now) are asked for a few rows before each micro-kernel call, so that they arrive from
+                    // memory under the arithmetic. (Asking for the next x panel or for the y lines as well measured
+                    // slower: the hardware prefetchers follow those streams.)
+                    var prefetch = default(WeightPrefetch);
+                    if (b0 + chunk < blocks)
+                        prefetch = new WeightPrefetch(w, n0, tileRows, b0 + chunk, Math.Min(chunk, blocks - b0 - chunk));
+                    else
+                    {
+                        following = Interlocked.Increment(ref *next) - 1;
+                        if (following < Count && following / slices != range)
+                        {
+                            (int f0, int f1) = RangeRows(following / slices);
+                            prefetch = new WeightPrefetch(w, f0, f1 - f0, 0, chunk);
+                        }
+                    }
                     int calls = (width / layout.XRows) * (stagedRows / layout.WRows);
                     int rowsPerCall = (prefetch.Rows + calls - 1) / calls;
                     int nextRow = 0;
@@ -383,6 +433,8 @@ internal static unsafe class IntegerGemm
                         byte* xCodes = activations.Codes(group, b0);
                         float* xScales = activations.Scales(group, b0);
                         int* xCorrections = activations.Corrections(group, b0);
+                        // A last pair whose second group holds only padding rows: one group (AVX-512).
+                        bool oneGroup = layout.Path == Path.Vector512 && rows - m <= layout.XLanes;
                         for (int r = 0; r < stagedRows; r += layout.WRows)
                         {
                             float* target = sumPointer + (long)r * width + (m - m0);
@@ -396,6 +448,7 @@ internal static unsafe class IntegerGemm
                             switch (layout.Path)
                             {
                                 case Path.Vnni256: MicroVnni256(operands); break;
+                                case Path.Vector512 when oneGroup: MicroInt16Vector512OneGroup(operands); break;
                                 case Path.Vector512: MicroInt16Vector512(operands); break;
                                 case Path.Vector256: MicroInt16<Int16Ops256, Vector256<int>>(operands); break;
                                 default: MicroInt16<Int16Ops128, Vector128<int>>(operands); break;
@@ -431,6 +484,7 @@ internal static unsafe class IntegerGemm
             }
             // A very tall slice would otherwise pin its sums to the thread for good.
             if (sums.Length > 1 << 22) t_sums = null;
+            return following;
         }
     }
 
@@ -732,6 +786,65 @@ internal static unsafe class IntegerGemm
             Accumulate(row, h0, h1, xs0, xs1, scale[7 * chunk]);
         }
     }
+
+    /// <summary>
+    /// 16 x rows (one group of 16 lanes) by 8 W rows: the last x rows when the second group of their pair would be
+    /// padding only (a 261-token prompt pads to 288 rows in pairs, 272 in groups). The sums are the two-group
+    /// kernel's for these rows, bit for bit: same integer dots, same fused multiply-add per block.
+    /// </summary>
+    private static void MicroInt16Vector512OneGroup(in MicroOperands o)
+    {
+        const int GroupBlockBytes = 16 * BlockSize * 2;
+        byte* xa = o.X;
+        float* sa = o.XScales;
+        nint stride = o.RowBytes, sumStride = o.SumStride;
+        int chunk = o.Chunk, blocks = o.Blocks;
+        float* wScales = o.WScales, sums = o.Sums;
+        byte* wCodes = o.W;
+        for (int b = 0; b < blocks; b++)
+        {
+            byte* x0 = xa + (nint)b * GroupBlockBytes;
+            byte* w = wCodes + (nint)b * BlockSize * 2;
+            Vector512<short> u0 = Vector512.Load((short*)x0);
+            Vector512<int> a = Avx512BW.MultiplyAddAdjacent(u0, Vector512.Create(*(int*)w).AsInt16());
+            Vector512<int> c = Avx512BW.MultiplyAddAdjacent(u0, Vector512.Create(*(int*)(w + stride)).AsInt16());
+            Vector512<int> d = Avx512BW.MultiplyAddAdjacent(u0, Vector512.Create(*(int*)(w + 2 * stride)).AsInt16());
+            Vector512<int> e = Avx512BW.MultiplyAddAdjacent(u0, Vector512.Create(*(int*)(w + 3 * stride)).AsInt16());
+            Vector512<int> f = Avx512BW.MultiplyAddAdjacent(u0, Vector512.Create(*(int*)(w + 4 * stride)).AsInt16());
+            Vector512<int> g = Avx512BW.MultiplyAddAdjacent(u0, Vector512.Create(*(int*)(w + 5 * stride)).AsInt16());
+            Vector512<int> h = Avx512BW.MultiplyAddAdjacent(u0, Vector512.Create(*(int*)(w + 6 * stride)).AsInt16());
+            Vector512<int> k = Avx512BW.MultiplyAddAdjacent(u0, Vector512.Create(*(int*)(w + 7 * stride)).AsInt16());
+            for (int step = 4; step < 2 * BlockSize; step += 4)
+            {
+                Vector512<short> u = Vector512.Load((short*)(x0 + 16 * step));
+                byte* ws = w + step;
+                a += Avx512BW.MultiplyAddAdjacent(u, Vector512.Create(*(int*)ws).AsInt16());
+                c += Avx512BW.MultiplyAddAdjacent(u, Vector512.Create(*(int*)(ws + stride)).AsInt16());
+                d += Avx512BW.MultiplyAddAdjacent(u, Vector512.Create(*(int*)(ws + 2 * stride)).AsInt16());
+                e += Avx512BW.MultiplyAddAdjacent(u, Vector512.Create(*(int*)(ws + 3 * stride)).AsInt16());
+                f += Avx512BW.MultiplyAddAdjacent(u, Vector512.Create(*(int*)(ws + 4 * stride)).AsInt16());
+                g += Avx512BW.MultiplyAddAdjacent(u, Vector512.Create(*(int*)(ws + 5 * stride)).AsInt16());
+                h += Avx512BW.MultiplyAddAdjacent(u, Vector512.Create(*(int*)(ws + 6 * stride)).AsInt16());
+                k += Avx512BW.MultiplyAddAdjacent(u, Vector512.Create(*(int*)(ws + 7 * stride)).AsInt16());
+            }
+            Vector512<float> xs = Vector512.Load(sa + b * 16);
+            float* scale = wScales + b;
+            float* row = sums;
+            Accumulate(row, a, xs, scale[0]); row += sumStride;
+            Accumulate(row, c, xs, scale[chunk]); row += sumStride;
+            Accumulate(row, d, xs, scale[2 * chunk]); row += sumStride;
+            Accumulate(row, e, xs, scale[3 * chunk]); row += sumStride;
+            Accumulate(row, f, xs, scale[4 * chunk]); row += sumStride;
+            Accumulate(row, g, xs, scale[5 * chunk]); row += sumStride;
+            Accumulate(row, h, xs, scale[6 * chunk]); row += sumStride;
+            Accumulate(row, k, xs, scale[7 * chunk]);
+        }
+    }
+
+    /// <summary>sums[0..16) = fma(float(dots), xScales · wScale, sums) for one x group of one W row.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Accumulate(float* row, Vector512<int> dots, Vector512<float> xScales, float wScale) =>
+        Vector512.FusedMultiplyAdd(Avx512F.ConvertToVector512Single(dots), xScales * Vector512.Create(wScale), Vector512.Load(row)).Store(row);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Accumulate(float* row, Vector512<int> dots0, Vector512<int> dots1, Vector512<float> xScales0, Vector512<float> xScales1, float wScale)

@@ -39,6 +39,21 @@ public static class TallIntegerGemmArbitraries
     public static Arbitrary<IntegerGemmCase> Cases() => IntegerGemmArbitraries.TallCases();
 }
 
+public sealed record ParallelIntegerGemmCase(int Rows, int K, int N, int Threads, int Seed);
+
+public static class ParallelIntegerGemmArbitraries
+{
+    // Enough work to go parallel, several W row ranges per thread (claimed ahead while the last chunk runs), K from one
+    // block to several chunks, and row counts whose last 32-row unit holds one group of real rows or two.
+    public static Arbitrary<ParallelIntegerGemmCase> Cases() => Arb.From(
+        from rows in Gen.Choose(17, 90)
+        from k in Gen.Choose(20, 1400)
+        from n in Gen.Choose(150, 700)
+        from threads in Gen.Choose(2, 4)
+        from seed in Gen.Choose(0, int.MaxValue)
+        select new ParallelIntegerGemmCase(rows, k, n, threads, seed));
+}
+
 /// <summary>
 /// The int8-activation GEMM against a scalar model of the same math (block codes and scales, exact integer block sums,
 /// fp32 fused multiply-add in block order): bit-equal on every integer path this CPU has, and within the analytic
@@ -248,6 +263,26 @@ public sealed unsafe class IntegerGemmTests
             KernelThreading.MaxThreads = 3;
             foreach (var path in SupportedPaths())
                 Assert.Equal(ScalarReference(path, x, rows, k, w, bias, 0f), Run(path, x, rows, w, bias, 0f));
+        }
+        finally
+        {
+            KernelThreading.MaxThreads = saved;
+        }
+    }
+
+    [Property(Arbitrary = [typeof(ParallelIntegerGemmArbitraries)], MaxTest = 10)]
+    public void Parallel_work_items_claimed_ahead_equal_the_scalar_model(ParallelIntegerGemmCase c)
+    {
+        var random = new Random(c.Seed);
+        float[] x = RandomFloats(random, c.Rows * c.K, 3f);
+        var w = QuantizeF32(RandomFloats(random, c.N * c.K, 1f), c.N, c.K);
+        float[] bias = RandomFloats(random, c.N, 1f);
+        int saved = KernelThreading.MaxThreads;
+        try
+        {
+            KernelThreading.MaxThreads = c.Threads;
+            foreach (var path in SupportedPaths())
+                Assert.Equal(ScalarReference(path, x, c.Rows, c.K, w, bias, 0f), Run(path, x, c.Rows, w, bias, 0f));
         }
         finally
         {
