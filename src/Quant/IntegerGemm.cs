@@ -8,9 +8,11 @@ using PaliGemma.CpuOnly.Tensors;
 namespace PaliGemma.CpuOnly.Quant;
 
 /// <summary>
-/// y = x Wᵀ + b for q8 weights with the activations quantized too: each x row is cut into blocks of 32 along K, every
+/// y = x Wᵀ + b for q8 or nf4 weights with the activations quantized too: each x row is cut into blocks of 32 along K, every
 /// block gets one fp32 scale (absmax / L) and integer codes in [-L, L], and each (x block, W block) pair is one exact
 /// integer dot product, scaled once by both block scales and accumulated in fp32 (in block order, by a fused multiply-add).
+/// An nf4 block of 64 is two blocks of 32 here: its codes become integers through a 16-entry table
+/// (<see cref="Nf4Level"/>) and both halves share the scale absmax / level.
 /// Two kinds of path: int8 activations (L = 127) on VNNI (<c>vpdpbusd</c>: 4 byte products summed into each int32 lane),
 /// and int16 activations (L = 32767) on <c>vpmaddwd</c> (2 int16 products per lane) with AVX-512BW, AVX2 or SSE2 + FMA;
 /// the int16 paths run as many multiply-adds per instruction as they would on int8 codes, so they keep the extra precision.
@@ -23,7 +25,8 @@ namespace PaliGemma.CpuOnly.Quant;
 /// sums, and W is read in its stored row-major block layout. Each work item copies its W rows a K chunk at a time into a
 /// small buffer (for the int16 paths widened to int16; zero rows pad a partial tile). VNNI multiplies unsigned by signed
 /// bytes: the staged W codes are offset by +128, and each accumulator starts at -128 times its x block's code sum
-/// (computed while quantizing), which cancels the offset exactly.
+/// (computed while quantizing), which cancels the offset exactly. nf4 rows are staged from their nibbles by a table
+/// lookup (<c>vpermw</c> on AVX-512BW, <c>pshufb</c> otherwise), so the micro-kernels see the same integer layout as for q8.
 /// </remarks>
 internal static unsafe class IntegerGemm
 {
@@ -51,6 +54,54 @@ internal static unsafe class IntegerGemm
 
     /// <summary>Blocks whose absmax is below this are encoded as zeros (L / absmax would overflow for tiny subnormals).</summary>
     internal const float MinAbsMax = 1e-30f;
+
+    /// <summary>
+    /// The integer an nf4 code stands for is round(NF4[code] · level) and its block's scale absmax / level. int16 paths:
+    /// level 2048, the largest that keeps a block's int32 sum exact: 32 products of |x code| ≤ 32767 and |W code| ≤ 2048
+    /// sum to at most 32 · 32767 · 2048 = 2,147,418,112 ≤ 2^31 - 1 = 2,147,483,647 (and a vpmaddwd pair to at most
+    /// 2 · 32767 · 2048), every partial sum is bounded by the same, and the sums are converted to fp32 block by block.
+    /// The table then moves a weight by at most 1/4096 of its absmax, about a hundredth of nf4's own rounding (half the
+    /// gap between neighbouring codes, 0.04 of absmax around 0), and 2^-11 · absmax is exact in fp32. VNNI multiplies
+    /// bytes: level 127 (at most 1/254 of absmax, as coarse as its int8 activations).
+    /// </summary>
+    internal static int Nf4Level(Path path) => path == Path.Vnni256 ? Nf4Int8Level : Nf4Int16Level;
+
+    private const int Nf4Int16Level = 2048, Nf4Int8Level = 127;
+
+    /// <summary>round(NF4[code] · level) for the int16 paths, twice over (vpermw reads 5 index bits: the high nibble's bit 0 may stay in bit 4).</summary>
+    private static readonly short[] s_nf4Int16Codes = BuildNf4Int16Table();
+    /// <summary>The same codes as two pshufb tables: their low bytes, then their high bytes.</summary>
+    private static readonly byte[] s_nf4Int16Bytes = BuildNf4ByteTables();
+    /// <summary>round(NF4[code] · 127) + 128 for VNNI (unsigned bytes, as its staged q8 codes), once per 128-bit lane.</summary>
+    private static readonly byte[] s_nf4OffsetBytes = BuildNf4OffsetTable();
+
+    private static int Nf4Integer(int code, int level) => (int)MathF.Round(Quantizer.Nf4Codes[code] * level);
+
+    private static short[] BuildNf4Int16Table()
+    {
+        var table = new short[32];
+        for (int i = 0; i < table.Length; i++) table[i] = (short)Nf4Integer(i % 16, Nf4Int16Level);
+        return table;
+    }
+
+    private static byte[] BuildNf4ByteTables()
+    {
+        var table = new byte[32];
+        for (int i = 0; i < 16; i++)
+        {
+            int code = Nf4Integer(i, Nf4Int16Level);
+            table[i] = (byte)code;
+            table[16 + i] = (byte)(code >> 8);
+        }
+        return table;
+    }
+
+    private static byte[] BuildNf4OffsetTable()
+    {
+        var table = new byte[32];
+        for (int i = 0; i < table.Length; i++) table[i] = (byte)(Nf4Integer(i % 16, Nf4Int8Level) + 128);
+        return table;
+    }
 
     private const int BlockSize = 32;
     // Most W rows per work item and K blocks staged at a time: 64 rows of 32 blocks is 64 KB of codes (128 KB widened).
@@ -87,12 +138,12 @@ internal static unsafe class IntegerGemm
     /// </summary>
     internal static void Multiply(ReadOnlySpan<float> x, int rows, QuantizedMatrix w, ReadOnlySpan<float> bias, Span<float> y, float softCap, Path path)
     {
-        if (w.Format != QuantFormat.Q8)
-            throw new ArgumentException($"integer activations need q8 weights; {w} is {w.Format.Name()}", nameof(w));
+        if (w.Format is not (QuantFormat.Q8 or QuantFormat.Nf4))
+            throw new ArgumentException($"integer activations need q8 or nf4 weights; {w} is {w.Format.Name()}", nameof(w));
         if (!IsSupported(path))
             throw new PlatformNotSupportedException($"the {path} integer GEMM needs instructions this CPU lacks");
         var layout = new Layout(path);
-        int n = w.Rows, blocks = w.BlocksPerRow;
+        int n = w.Rows, blocks = KBlocks(w);
         int paddedRows = (rows + layout.XRows - 1) / layout.XRows * layout.XRows;
         int groups = paddedRows / layout.XLanes;
         long codeBytes = (long)groups * blocks * layout.GroupBlockBytes;
@@ -145,6 +196,12 @@ internal static unsafe class IntegerGemm
             if (sums.Length > 1 << 22) t_codeSums = null;
         }
     }
+
+    /// <summary>
+    /// Blocks of 32 along K: q8's stored blocks; for nf4 the halves of its blocks of 64 that hold any of the K weights
+    /// (a last half wholly in the zero padding is skipped, so no x block is empty).
+    /// </summary>
+    private static int KBlocks(QuantizedMatrix w) => (w.Cols + BlockSize - 1) / BlockSize;
 
     [ThreadStatic] private static byte[]? t_codes;
     [ThreadStatic] private static float[]? t_scales;
@@ -382,7 +439,7 @@ internal static unsafe class IntegerGemm
         private int RunItem(int item)
         {
             Layout layout = activations.Layout;
-            int n = w.Rows, blocks = w.BlocksPerRow;
+            int n = w.Rows, blocks = KBlocks(w);
             int range = item / slices, slice = item % slices;
             (int n0, int n1) = RangeRows(range);
             int tileRows = n1 - n0;
@@ -488,7 +545,7 @@ internal static unsafe class IntegerGemm
         }
     }
 
-    /// <summary>W rows [row, row + count), blocks [block, block + blocks): their codes and scales, a few rows at a time.</summary>
+    /// <summary>W rows [row, row + count), blocks of 32 [block, block + blocks): their codes and scales, a few rows at a time.</summary>
     private readonly struct WeightPrefetch(QuantizedMatrix? w, int row, int count, int block, int blocks)
     {
         public int Rows => w == null ? 0 : count;
@@ -500,21 +557,24 @@ internal static unsafe class IntegerGemm
                 return;
             int end = Math.Min(count, first + rows);
             int scaleSize = w.ScaleType.SizeOf();
+            // Stored blocks (32 code bytes each in both formats) covering the range: an nf4 block holds two blocks of 32.
+            int halves = w.Format == QuantFormat.Nf4 ? 2 : 1;
+            int stored = block / halves, storedEnd = (block + blocks + halves - 1) / halves;
             for (int r = first; r < end; r++)
             {
-                long index = (long)(row + r) * w.BlocksPerRow + block;
+                long index = (long)(row + r) * w.BlocksPerRow + stored;
                 byte* codes = w.Blocks + index * BlockSize;
-                PackedGemm.PrefetchLines(codes, codes + blocks * BlockSize);
+                PackedGemm.PrefetchLines(codes, codes + (storedEnd - stored) * BlockSize);
                 byte* scales = w.ScaleData + index * scaleSize;
-                PackedGemm.PrefetchLines(scales, scales + blocks * scaleSize);
+                PackedGemm.PrefetchLines(scales, scales + (storedEnd - stored) * scaleSize);
             }
         }
     }
 
     /// <summary>
     /// Copies W rows n0..n0+count-1, K blocks b0..b0+blocks-1, into row-major staging rows of <paramref name="chunk"/>
-    /// blocks (VNNI: offset by +128 to unsigned bytes; int16 paths: widened), with their scales; rows count..stagedRows-1
-    /// hold zero weights.
+    /// blocks (VNNI: offset by +128 to unsigned bytes; int16 paths: widened; nf4: looked up, see <see cref="StageNf4Row"/>),
+    /// with their scales; rows count..stagedRows-1 hold zero weights.
     /// </summary>
     private static void Stage(in Layout layout, QuantizedMatrix w, int n0, int count, int stagedRows, int b0, int blocks, int chunk,
         byte* codes, float* scales)
@@ -531,6 +591,11 @@ internal static unsafe class IntegerGemm
                 new Span<float>(scales + r * chunk, blocks).Clear();
                 continue;
             }
+            if (w.Format == QuantFormat.Nf4)
+            {
+                StageNf4Row(layout.Path, w, n0 + r, b0, blocks, target, scales + r * chunk);
+                continue;
+            }
             long first = (long)(n0 + r) * perRow + b0;
             sbyte* source = (sbyte*)w.Blocks + first * BlockSize;
             // Straight from the matrix's storage (ReadScales' checks and span call cost as much as the widening here).
@@ -543,6 +608,75 @@ internal static unsafe class IntegerGemm
             else
                 Widen(source, (short*)target, blocks * BlockSize);
         }
+    }
+
+    /// <summary>
+    /// One nf4 row, blocks of 32 b0..b0+blocks-1 (block 2j + h: the low (h = 0) or high (h = 1) nibbles of the 32 bytes of
+    /// stored block j), as integer codes in element order and scales absmax / level (<see cref="Nf4Level"/>).
+    /// </summary>
+    private static void StageNf4Row(Path path, QuantizedMatrix w, int row, int b0, int blocks, byte* codes, float* scales)
+    {
+        int level = Nf4Level(path);
+        // The stored scales covering the range, widened once (fp16 ones 16 at a time), then one per block of 32.
+        int stored = b0 / 2, storedCount = (b0 + blocks + 1) / 2 - stored;
+        long firstScale = (long)row * w.BlocksPerRow + stored;
+        float* absMax = stackalloc float[storedCount];
+        if (w.ScaleType == DType.F16)
+            QuantMatMul.WidenHalves((ushort*)w.ScaleData + firstScale, absMax, storedCount);
+        else
+            new ReadOnlySpan<float>((float*)w.ScaleData + firstScale, storedCount).CopyTo(new Span<float>(absMax, storedCount));
+        for (int j = 0; j < blocks; j++)
+            scales[j] = absMax[(b0 + j) / 2 - stored] / level;
+
+        byte* source = w.Blocks + (long)row * w.BlocksPerRow * BlockSize;
+        for (int j = 0; j < blocks; j++)
+        {
+            int block = b0 + j;
+            byte* packed = source + (long)(block / 2) * BlockSize;
+            int shift = 4 * (block & 1);
+            switch (path)
+            {
+                case Path.Vnni256: LookUpNf4Bytes(packed, shift, codes + j * BlockSize); break;
+                case Path.Vector512: LookUpNf4Int16Vector512(packed, shift, (short*)codes + j * BlockSize); break;
+                default: LookUpNf4Int16Vector128(packed, shift, (short*)codes + j * BlockSize); break;
+            }
+        }
+    }
+
+    /// <summary>32 nibbles (bits shift..shift+3 of 32 bytes) as int16 codes: zero-extend, shift, one vpermw.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void LookUpNf4Int16Vector512(byte* packed, int shift, short* target)
+    {
+        Vector512<short> table = Vector512.Create((ReadOnlySpan<short>)s_nf4Int16Codes);
+        Vector512<ushort> wide = Avx512BW.ConvertToVector512UInt16(Vector256.Load(packed));
+        // The low nibble needs no mask: bit 4 (the high nibble's lowest) picks the table's second, equal copy.
+        Avx512BW.PermuteVar32x16(table, (wide >>> shift).AsInt16()).Store(target);
+    }
+
+    /// <summary>32 nibbles as int16 codes, 16 bytes at a time: pshufb looks up the codes' low and high bytes, unpack joins them (FMA implies SSSE3).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void LookUpNf4Int16Vector128(byte* packed, int shift, short* target)
+    {
+        Vector128<byte> lowBytes = Vector128.Create((ReadOnlySpan<byte>)s_nf4Int16Bytes);
+        Vector128<byte> highBytes = Vector128.Create(((ReadOnlySpan<byte>)s_nf4Int16Bytes)[16..]);
+        Vector128<byte> mask = Vector128.Create((byte)0x0F);
+        for (int half = 0; half < 2; half++)
+        {
+            // pshufb zeroes a byte whose index has bit 7 set: mask to the nibble.
+            Vector128<byte> index = (Vector128.Load(packed + 16 * half).AsUInt16() >>> shift).AsByte() & mask;
+            Vector128<byte> low = Ssse3.Shuffle(lowBytes, index), high = Ssse3.Shuffle(highBytes, index);
+            Sse2.UnpackLow(low, high).AsInt16().Store(target + 16 * half);
+            Sse2.UnpackHigh(low, high).AsInt16().Store(target + 16 * half + 8);
+        }
+    }
+
+    /// <summary>32 nibbles as VNNI's offset bytes round(NF4 · 127) + 128: one pshufb (the table repeated in both 128-bit lanes).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void LookUpNf4Bytes(byte* packed, int shift, byte* target)
+    {
+        Vector256<byte> table = Vector256.Create((ReadOnlySpan<byte>)s_nf4OffsetBytes);
+        Vector256<byte> index = (Vector256.Load(packed).AsUInt16() >>> shift).AsByte() & Vector256.Create((byte)0x0F);
+        Avx2.Shuffle(table, index).Store(target);
     }
 
     private static void Widen(sbyte* source, short* target, int count)

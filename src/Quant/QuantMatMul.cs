@@ -7,7 +7,7 @@ using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Quant;
 
-/// <summary>Which kernel multiplies many x rows (prefill, vision) by q8 weights.</summary>
+/// <summary>Which kernel multiplies many x rows (prefill, vision) by q8 or nf4 weights.</summary>
 public enum QuantPrefillKernel
 {
     /// <summary>
@@ -28,9 +28,10 @@ public enum QuantPrefillKernel
 
 /// <summary>
 /// y = x Wᵀ + b with W a <see cref="QuantizedMatrix"/>. Few x rows (decode): a GEMV that streams the packed blocks once
-/// and dequantizes them in registers. Many x rows (prefill, vision): q8 weights meet activations quantized to int16 (or int8)
-/// blocks in integer multiply-adds (<see cref="IntegerGemm"/>, chosen by <see cref="PrefillKernel"/>); nf4 weights (and q8 on CPUs without integer multiply-add) are dequantized a
-/// K block of a few rows at a time straight into the panels of the packed fp32 GEMM (<see cref="PackedGemm"/>).
+/// and dequantizes them in registers. Many x rows (prefill, vision): q8 and nf4 weights meet activations quantized to int16
+/// (or int8) blocks in integer multiply-adds (<see cref="IntegerGemm"/>, chosen by <see cref="PrefillKernel"/>); on CPUs
+/// without integer multiply-add (or when chosen) W is dequantized a K block of a few rows at a time straight into the
+/// panels of the packed fp32 GEMM (<see cref="PackedGemm"/>).
 /// </summary>
 public static unsafe class QuantMatMul
 {
@@ -55,15 +56,15 @@ public static unsafe class QuantMatMul
     public const int IntegerMinRows = 16;
 
     /// <summary>
-    /// The kernel for more than <see cref="GemvMaxRows"/> x rows of q8 weights, process-wide (default
-    /// <see cref="QuantPrefillKernel.Auto"/>). nf4 weights always use the dequantized panels.
+    /// The kernel for more than <see cref="GemvMaxRows"/> x rows of q8 or nf4 weights, process-wide (default
+    /// <see cref="QuantPrefillKernel.Auto"/>).
     /// </summary>
     public static QuantPrefillKernel PrefillKernel { get; set; } = QuantPrefillKernel.Auto;
 
     /// <summary>The integer path a many-row call with these weights takes under <see cref="PrefillKernel"/>; None: the fp32 panels (or the GEMV for few rows).</summary>
     internal static IntegerGemm.Path PrefillPath(int rows, QuantizedMatrix w)
     {
-        if (rows <= GemvMaxRows || w.Format != QuantFormat.Q8)
+        if (rows <= GemvMaxRows)
             return IntegerGemm.Path.None;
         return PrefillKernel switch
         {

@@ -61,10 +61,10 @@ public static class ParallelIntegerGemmArbitraries
 /// </summary>
 public sealed unsafe class IntegerGemmTests
 {
-    private static IEnumerable<IntegerGemm.Path> SupportedPaths() =>
+    internal static IEnumerable<IntegerGemm.Path> SupportedPaths() =>
         new[] { IntegerGemm.Path.Vnni256, IntegerGemm.Path.Vector512, IntegerGemm.Path.Vector256, IntegerGemm.Path.Vector128 }.Where(IntegerGemm.IsSupported);
 
-    private static float[] RandomFloats(Random random, int count, float range)
+    internal static float[] RandomFloats(Random random, int count, float range)
     {
         var values = new float[count];
         for (int i = 0; i < count; i++) values[i] = (float)((random.NextDouble() * 2 - 1) * range);
@@ -78,7 +78,7 @@ public sealed unsafe class IntegerGemmTests
     }
 
     /// <summary>The documented activation quantization, one block of 32 at a time (the last one zero-padded).</summary>
-    private static (int[] Codes, float[] Scales) QuantizeActivations(float[] x, int rows, int k, int limit)
+    internal static (int[] Codes, float[] Scales) QuantizeActivations(float[] x, int rows, int k, int limit)
     {
         int blocks = (k + 31) / 32;
         var codes = new int[rows * blocks * 32];
@@ -131,7 +131,7 @@ public sealed unsafe class IntegerGemmTests
         return y;
     }
 
-    private static float[] Run(IntegerGemm.Path path, float[] x, int rows, QuantizedMatrix w, float[] bias, float softCap)
+    internal static float[] Run(IntegerGemm.Path path, float[] x, int rows, QuantizedMatrix w, float[] bias, float softCap)
     {
         // One spare row of y must stay untouched.
         var y = new float[(rows + 1) * w.Rows];
@@ -330,8 +330,18 @@ public sealed unsafe class IntegerGemmTests
             QuantMatMul.PrefillKernel = QuantPrefillKernel.Int8Activations;
             Assert.Equal(IntegerGemm.BestInt8 != IntegerGemm.Path.None ? IntegerGemm.BestInt8 : IntegerGemm.BestInt16, QuantMatMul.PrefillPath(64, w));
             Assert.Equal(IntegerGemm.Path.None, QuantMatMul.PrefillPath(QuantMatMul.GemvMaxRows, w));
+            // nf4 weights follow the same rules.
             fixed (float* zeros = new float[8 * 64])
-                Assert.Equal(IntegerGemm.Path.None, QuantMatMul.PrefillPath(64, Quantizer.Quantize(new WeightMatrix(zeros, DType.F32, 8, 64), QuantFormat.Nf4)));
+            {
+                var nf4 = Quantizer.Quantize(new WeightMatrix(zeros, DType.F32, 8, 64), QuantFormat.Nf4);
+                Assert.Equal(IntegerGemm.BestInt8 != IntegerGemm.Path.None ? IntegerGemm.BestInt8 : IntegerGemm.BestInt16, QuantMatMul.PrefillPath(64, nf4));
+                Assert.Equal(IntegerGemm.Path.None, QuantMatMul.PrefillPath(QuantMatMul.GemvMaxRows, nf4));
+                QuantMatMul.PrefillKernel = QuantPrefillKernel.Auto;
+                Assert.Equal(IntegerGemm.BestInt16, QuantMatMul.PrefillPath(QuantMatMul.IntegerMinRows, nf4));
+                Assert.Equal(IntegerGemm.Path.None, QuantMatMul.PrefillPath(QuantMatMul.IntegerMinRows - 1, nf4));
+                QuantMatMul.PrefillKernel = QuantPrefillKernel.DequantizedPanels;
+                Assert.Equal(IntegerGemm.Path.None, QuantMatMul.PrefillPath(64, nf4));
+            }
         }
         finally
         {

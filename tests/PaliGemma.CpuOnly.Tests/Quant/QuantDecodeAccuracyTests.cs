@@ -10,16 +10,20 @@ namespace PaliGemma.CpuOnly.Tests.Quant;
 
 /// <summary>
 /// The decode path (one token per step: the one-token GEMV, on AVX-512 with int16 activations) against the prefill path
-/// (many rows: fp32 panels for nf4, int16-activation GEMM for q8) on the quantized golden models, teacher-forced on the
+/// (many rows: the int16-activation GEMM for both formats) on the quantized golden models, teacher-forced on the
 /// reference's generated tokens: the two must give nearly the same logits and the same top-1 token at every step.
 /// </summary>
 public sealed class QuantDecodeAccuracyTests(ITestOutputHelper output)
 {
-    // Measured (AVX-512, int16 activations in both paths for q8): q8 worst 1.6e-4, nf4 worst 8.1e-4 (x and the NF4 table
-    // coded to 16383 steps); with fp32 activations in decode: q8 2.8e-4 (prefill's own int16 rounding), nf4 2.7e-5.
+    // Measured (AVX-512, int16 activations in both paths): q8 worst 1.6e-4; with fp32 activations in decode 2.8e-4
+    // (prefill's own int16 rounding). nf4: decode codes x and the NF4 table to 16383 steps; against the fp32 panels that
+    // prefill ran before it moved to the integer GEMM, the worst was 8.1e-4 (2.7e-5 with fp32 decode activations). The
+    // integer prefill rounds each NF4 value to 1/2048 of the block absmax (the largest level whose int32 block sums stay
+    // exact with 32767-step x codes), ~8x coarser than decode's table, and the two paths now differ by 4.0e-3 at worst;
+    // the top-1 token still agrees at every step.
     [Theory]
     [InlineData(QuantFormat.Q8, 5e-4)]
-    [InlineData(QuantFormat.Nf4, 2e-3)]
+    [InlineData(QuantFormat.Nf4, 5e-3)]
     public void Decode_logits_track_teacher_forced_prefill_logits(QuantFormat format, double maxRelativeError)
     {
         int steps = 0, sameTop1 = 0;
