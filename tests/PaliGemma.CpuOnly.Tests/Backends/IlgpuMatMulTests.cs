@@ -44,6 +44,25 @@ public sealed unsafe class IlgpuMatMulTests(IlgpuFixture fixture)
     public void MatMul_matches_reference_on_multi_tile_shapes(int rows, int k, int n, StoredWeights weights) =>
         Check(fixture.Backend, new DeviceMatMulCase(rows, k, n, weights, Bias: true, SoftCap: 0f, XOffset: 1, Seed: rows * 31 + k));
 
+    /// <summary>Σ |x_i| · absmax(block of i) / (2 · level): what rounding the NF4 table to integers can add to one output.</summary>
+    private static double Nf4TableBound(ReadOnlySpan<float> x, ReadOnlySpan<double> decodedRow)
+    {
+        int block = QuantFormat.Nf4.BlockSize();
+        double bound = 0;
+        for (int b0 = 0; b0 < x.Length; b0 += block)
+        {
+            int end = Math.Min(x.Length, b0 + block);
+            double absMax = 0, xSum = 0;
+            for (int i = b0; i < end; i++)
+            {
+                absMax = Math.Max(absMax, Math.Abs(decodedRow[i]));
+                xSum += Math.Abs(x[i]);
+            }
+            bound += xSum * absMax / (2.0 * IntegerGemm.Nf4Level(IntegerGemm.BestInt16));
+        }
+        return bound;
+    }
+
     internal static void Check(IComputeBackend backend, DeviceMatMulCase c)
     {
         var random = new Random(c.Seed);
@@ -77,6 +96,10 @@ public sealed unsafe class IlgpuMatMulTests(IlgpuFixture fixture)
                 double expected = c.SoftCap > 0 ? c.SoftCap * Math.Tanh(sum / c.SoftCap) : sum;
                 // The quantized kernels' bound, plus the soft-cap kernel's (tanh in fp32).
                 double tolerance = 1e-5 * magnitude + 1e-6 + 2e-6 * c.SoftCap;
+                // nf4 on the CPU's integer GEMM: each NF4 value rounded to 1/level of its block's absmax (the block's
+                // largest decoded magnitude: the absmax element takes code ±1), at most half a step per weight.
+                if (c.Weights == StoredWeights.Nf4 && c.Rows > QuantMatMul.GemvMaxRows)
+                    tolerance += Nf4TableBound(x.AsSpan(m * c.K, c.K), decoded.AsSpan(j * c.K, c.K));
                 AssertClose(expected, result[m * c.N + j], tolerance, $"y[{m}, {j}] ({c})");
             }
         }
