@@ -12,7 +12,7 @@ namespace PaliGemma.CpuOnly.Quant;
 /// block gets one fp32 scale (absmax / L) and integer codes in [-L, L], and each (x block, W block) pair is one exact
 /// integer dot product, scaled once by both block scales and accumulated in fp32 (in block order, by a fused multiply-add).
 /// An nf4 block of 64 is two blocks of 32 here: its codes become integers through a 16-entry table
-/// (<see cref="Nf4Level"/>) and both halves share the scale absmax / level.
+/// (<see cref="Nf4Level"/>) and both halves share the scale absmax · (1 / level).
 /// Two kinds of path: int8 activations (L = 127) on VNNI (<c>vpdpbusd</c>: 4 byte products summed into each int32 lane),
 /// and int16 activations (L = 32767) on <c>vpmaddwd</c> (2 int16 products per lane) with AVX-512BW, AVX2 or SSE2 + FMA;
 /// the int16 paths run as many multiply-adds per instruction as they would on int8 codes, so they keep the extra precision.
@@ -56,7 +56,7 @@ internal static unsafe class IntegerGemm
     internal const float MinAbsMax = 1e-30f;
 
     /// <summary>
-    /// The integer an nf4 code stands for is round(NF4[code] · level) and its block's scale absmax / level. int16 paths:
+    /// The integer an nf4 code stands for is round(NF4[code] · level) and its block's scale absmax · (1 / level). int16 paths:
     /// level 2048, the largest that keeps a block's int32 sum exact: 32 products of |x code| ≤ 32767 and |W code| ≤ 2048
     /// sum to at most 32 · 32767 · 2048 = 2,147,418,112 ≤ 2^31 - 1 = 2,147,483,647 (and a vpmaddwd pair to at most
     /// 2 · 32767 · 2048), every partial sum is bounded by the same, and the sums are converted to fp32 block by block.
@@ -65,6 +65,9 @@ internal static unsafe class IntegerGemm
     /// bytes: level 127 (at most 1/254 of absmax, as coarse as its int8 activations).
     /// </summary>
     internal static int Nf4Level(Path path) => path == Path.Vnni256 ? Nf4Int8Level : Nf4Int16Level;
+
+    /// <summary>The factor that turns an nf4 absmax into the block scale, absmax · (1 / level): exactly absmax / 2048 on the int16 paths.</summary>
+    internal static float Nf4InverseLevel(Path path) => 1f / Nf4Level(path);
 
     private const int Nf4Int16Level = 2048, Nf4Int8Level = 127;
 
@@ -612,12 +615,11 @@ internal static unsafe class IntegerGemm
 
     /// <summary>
     /// One nf4 row, blocks of 32 b0..b0+blocks-1 (block 2j + h: the low (h = 0) or high (h = 1) nibbles of the 32 bytes of
-    /// stored block j), as integer codes in element order and scales absmax / level (<see cref="Nf4Level"/>).
+    /// stored block j), as integer codes in element order and scales absmax · (1 / level) (<see cref="Nf4Level"/>).
     /// </summary>
     private static void StageNf4Row(Path path, QuantizedMatrix w, int row, int b0, int blocks, byte* codes, float* scales)
     {
-        int level = Nf4Level(path);
-        // The stored scales covering the range, widened once (fp16 ones 16 at a time), then one per block of 32.
+        // The stored blocks covering the range: their scales widened once (fp16 ones 16 at a time), then one per block of 32.
         int stored = b0 / 2, storedCount = (b0 + blocks + 1) / 2 - stored;
         long firstScale = (long)row * w.BlocksPerRow + stored;
         float* absMax = stackalloc float[storedCount];
@@ -625,58 +627,92 @@ internal static unsafe class IntegerGemm
             QuantMatMul.WidenHalves((ushort*)w.ScaleData + firstScale, absMax, storedCount);
         else
             new ReadOnlySpan<float>((float*)w.ScaleData + firstScale, storedCount).CopyTo(new Span<float>(absMax, storedCount));
+        float inverse = Nf4InverseLevel(path);
         for (int j = 0; j < blocks; j++)
-            scales[j] = absMax[(b0 + j) / 2 - stored] / level;
+            scales[j] = absMax[(b0 + j) / 2 - stored] * inverse;
 
-        byte* source = w.Blocks + (long)row * w.BlocksPerRow * BlockSize;
-        for (int j = 0; j < blocks; j++)
+        // Each stored block is loaded once for both of its halves (one only at a range end that splits it).
+        byte* packed = w.Blocks + firstScale * BlockSize;
+        int codeBytes = BlockSize * (path == Path.Vnni256 ? 1 : 2);
+        int first = b0 & 1, end = b0 + blocks - 2 * stored;
+        switch (path)
         {
-            int block = b0 + j;
-            byte* packed = source + (long)(block / 2) * BlockSize;
-            int shift = 4 * (block & 1);
-            switch (path)
+            case Path.Vector512:
             {
-                case Path.Vnni256: LookUpNf4Bytes(packed, shift, codes + j * BlockSize); break;
-                case Path.Vector512: LookUpNf4Int16Vector512(packed, shift, (short*)codes + j * BlockSize); break;
-                default: LookUpNf4Int16Vector128(packed, shift, (short*)codes + j * BlockSize); break;
+                Vector512<short> table = Vector512.Create((ReadOnlySpan<short>)s_nf4Int16Codes);
+                for (int s = 0; s < storedCount; s++, first = 0)
+                    LookUpNf4Int16Vector512(table, packed + s * BlockSize, first, Math.Min(2, end - 2 * s), (short*)(codes + (2 * s + first - (b0 & 1)) * codeBytes));
+                break;
+            }
+            case Path.Vnni256:
+            {
+                Vector256<byte> table = Vector256.Create((ReadOnlySpan<byte>)s_nf4OffsetBytes);
+                for (int s = 0; s < storedCount; s++, first = 0)
+                    LookUpNf4Bytes(table, packed + s * BlockSize, first, Math.Min(2, end - 2 * s), codes + (2 * s + first - (b0 & 1)) * codeBytes);
+                break;
+            }
+            default:
+            {
+                Vector128<byte> lowBytes = Vector128.Create((ReadOnlySpan<byte>)s_nf4Int16Bytes);
+                Vector128<byte> highBytes = Vector128.Create(((ReadOnlySpan<byte>)s_nf4Int16Bytes)[16..]);
+                for (int s = 0; s < storedCount; s++, first = 0)
+                    LookUpNf4Int16Vector128(lowBytes, highBytes, packed + s * BlockSize, first, Math.Min(2, end - 2 * s), (short*)(codes + (2 * s + first - (b0 & 1)) * codeBytes));
+                break;
             }
         }
     }
 
-    /// <summary>32 nibbles (bits shift..shift+3 of 32 bytes) as int16 codes: zero-extend, shift, one vpermw.</summary>
+    /// <summary>
+    /// Halves [first, end) of one stored block (half h: bits 4h..4h+3 of its 32 bytes) as int16 codes, 32 per half:
+    /// one zero-extension, then a shift and a vpermw per half.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void LookUpNf4Int16Vector512(byte* packed, int shift, short* target)
+    private static void LookUpNf4Int16Vector512(Vector512<short> table, byte* packed, int first, int end, short* target)
     {
-        Vector512<short> table = Vector512.Create((ReadOnlySpan<short>)s_nf4Int16Codes);
-        Vector512<ushort> wide = Avx512BW.ConvertToVector512UInt16(Vector256.Load(packed));
+        Vector512<short> wide = Avx512BW.ConvertToVector512Int16(Vector256.Load(packed));
         // The low nibble needs no mask: bit 4 (the high nibble's lowest) picks the table's second, equal copy.
-        Avx512BW.PermuteVar32x16(table, (wide >>> shift).AsInt16()).Store(target);
+        if (first == 0)
+            Avx512BW.PermuteVar32x16(table, wide).Store(target);
+        if (end == 2)
+            Avx512BW.PermuteVar32x16(table, Avx512BW.ShiftRightLogical(wide, 4)).Store(target + 32 * (1 - first));
     }
 
-    /// <summary>32 nibbles as int16 codes, 16 bytes at a time: pshufb looks up the codes' low and high bytes, unpack joins them (FMA implies SSSE3).</summary>
+    /// <summary>
+    /// As <see cref="LookUpNf4Int16Vector512"/> 16 bytes at a time: pshufb looks up the codes' low and high bytes, unpack
+    /// joins them (FMA implies SSSE3).
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void LookUpNf4Int16Vector128(byte* packed, int shift, short* target)
+    private static void LookUpNf4Int16Vector128(Vector128<byte> lowBytes, Vector128<byte> highBytes, byte* packed, int first, int end, short* target)
     {
-        Vector128<byte> lowBytes = Vector128.Create((ReadOnlySpan<byte>)s_nf4Int16Bytes);
-        Vector128<byte> highBytes = Vector128.Create(((ReadOnlySpan<byte>)s_nf4Int16Bytes)[16..]);
         Vector128<byte> mask = Vector128.Create((byte)0x0F);
-        for (int half = 0; half < 2; half++)
+        for (int quarter = 0; quarter < 2; quarter++)
         {
-            // pshufb zeroes a byte whose index has bit 7 set: mask to the nibble.
-            Vector128<byte> index = (Vector128.Load(packed + 16 * half).AsUInt16() >>> shift).AsByte() & mask;
-            Vector128<byte> low = Ssse3.Shuffle(lowBytes, index), high = Ssse3.Shuffle(highBytes, index);
-            Sse2.UnpackLow(low, high).AsInt16().Store(target + 16 * half);
-            Sse2.UnpackHigh(low, high).AsInt16().Store(target + 16 * half + 8);
+            Vector128<byte> bytes = Vector128.Load(packed + 16 * quarter);
+            for (int half = first; half < end; half++)
+            {
+                // pshufb zeroes a byte whose index has bit 7 set: mask to the nibble.
+                Vector128<byte> index = (half == 0 ? bytes : Sse2.ShiftRightLogical(bytes.AsUInt16(), 4).AsByte()) & mask;
+                Vector128<byte> low = Ssse3.Shuffle(lowBytes, index), high = Ssse3.Shuffle(highBytes, index);
+                short* halfTarget = target + 32 * (half - first) + 16 * quarter;
+                Sse2.UnpackLow(low, high).AsInt16().Store(halfTarget);
+                Sse2.UnpackHigh(low, high).AsInt16().Store(halfTarget + 8);
+            }
         }
     }
 
-    /// <summary>32 nibbles as VNNI's offset bytes round(NF4 · 127) + 128: one pshufb (the table repeated in both 128-bit lanes).</summary>
+    /// <summary>
+    /// Halves [first, end) of one stored block as VNNI's offset bytes round(NF4 · 127) + 128: one pshufb per half (the
+    /// table repeated in both 128-bit lanes).
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void LookUpNf4Bytes(byte* packed, int shift, byte* target)
+    private static void LookUpNf4Bytes(Vector256<byte> table, byte* packed, int first, int end, byte* target)
     {
-        Vector256<byte> table = Vector256.Create((ReadOnlySpan<byte>)s_nf4OffsetBytes);
-        Vector256<byte> index = (Vector256.Load(packed).AsUInt16() >>> shift).AsByte() & Vector256.Create((byte)0x0F);
-        Avx2.Shuffle(table, index).Store(target);
+        Vector256<byte> bytes = Vector256.Load(packed), mask = Vector256.Create((byte)0x0F);
+        for (int half = first; half < end; half++)
+        {
+            Vector256<byte> index = (half == 0 ? bytes : Avx2.ShiftRightLogical(bytes.AsUInt16(), 4).AsByte()) & mask;
+            Avx2.Shuffle(table, index).Store(target + 32 * (half - first));
+        }
     }
 
     private static void Widen(sbyte* source, short* target, int count)

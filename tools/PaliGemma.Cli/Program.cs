@@ -91,7 +91,7 @@ public static class Program
         --quant-scales search|absmax: each block's least-error scale of 16 candidates (quantize's default) or its absmax
         (the default of --dtype on generate/bench/eval-quant: loads several times faster, less accurate; search gives what
         quantize writes).
-        Any command: --q8-prefill int16|int8|panels picks the kernel for many-token q8 products (prefill, vision): int16
+        Any command: --q8-prefill int16|int8|panels picks the kernel for many-token q8 and nf4 products (prefill, vision): int16
         (default) or int8 quantized activations on integer multiply-adds, or fp32 activations on dequantized panels.
         """;
 

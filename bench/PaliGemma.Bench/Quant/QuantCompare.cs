@@ -9,14 +9,14 @@ using PaliGemma.CpuOnly.Tensors;
 namespace PaliGemma.Bench.Quant;
 
 /// <summary>
-/// <c>quant [gemm] [gemv] [--rows M[,M...]] [--runs R] [--threads T] [--shape NAME]</c>: the quantized kernels side by
-/// side, one random fp32 matrix per shape quantized every way, Stopwatch medians over R rounds (default 5) of alternating
-/// blocks of calls, T threads each (default 2; with 1 the calls are timed by the thread's CPU time); --shape keeps the
-/// shapes whose name contains NAME.
+/// <c>quant [gemm] [gemv] [--rows M[,M...]] [--runs R] [--threads T] [--shape NAME] [--format q8|nf4]</c>: the quantized
+/// kernels side by side, one random fp32 matrix per shape quantized every way, Stopwatch medians over R rounds (default 5)
+/// of alternating blocks of calls, T threads each (default 2; with 1 the calls are timed by the thread's CPU time); --shape
+/// keeps the shapes whose name contains NAME, --format the GEMM rows of one weight format (default both).
 /// <list type="bullet">
-/// <item><c>gemm</c>: M x rows (default 256) through bf16 <see cref="MatMul"/> and q8 on each prefill kernel
-/// (dequantized panels, int16 activations, int8 activations where the CPU has VNNI), with each one's error against
-/// the fp32 product.</item>
+/// <item><c>gemm</c>: M x rows (default 256) through bf16 <see cref="MatMul"/> and q8 and nf4 on each prefill kernel
+/// (dequantized panels, int16 activations, int8 activations where the CPU has VNNI), all timed in one alternation, with
+/// each one's error against the fp32 product.</item>
 /// <item><c>gemv</c>: one row through bf16 <see cref="MatMul"/>, ONNX Runtime's MatMulNBits (4-bit, block 32) and our nf4 and q8 GEMV; each quantized output
 /// must equal the product of its own dequantized weights (fp32 rounding only), and each format's error against the fp32
 /// product is printed.</item>
@@ -44,12 +44,14 @@ internal static unsafe class QuantCompare
         int runs = 5;
         int threads = OrtRunner.Threads;
         string? only = null;
+        QuantFormat[] formats = [QuantFormat.Q8, QuantFormat.Nf4];
         for (int i = 0; i < args.Length - 1; i++)
         {
             if (args[i] == "--rows") rowCounts = args[i + 1].Split(',').Select(s => int.Parse(s, CultureInfo.InvariantCulture)).ToArray();
             if (args[i] == "--runs") runs = int.Parse(args[i + 1], CultureInfo.InvariantCulture);
             if (args[i] == "--threads") threads = int.Parse(args[i + 1], CultureInfo.InvariantCulture);
             if (args[i] == "--shape") only = args[i + 1];
+            if (args[i] == "--format") formats = [QuantFormats.Parse(args[i + 1]) ?? throw new ArgumentException($"--format {args[i + 1]}: expected q8 or nf4")];
         }
         KernelThreading.MaxThreads = threads;
         Console.WriteLine($"# quantized kernels, {threads} threads each, {Environment.ProcessorCount} CPUs, load average {BenchStats.LoadAverage()}; " +
@@ -57,19 +59,19 @@ internal static unsafe class QuantCompare
         int failures = 0;
         if (gemm)
             foreach (int rows in rowCounts)
-                failures += Gemm(rows, runs, only);
+                failures += Gemm(rows, runs, only, formats);
         if (gemv)
             failures += Gemv(runs);
         Console.WriteLine($"# load average after: {BenchStats.LoadAverage()}");
         return failures == 0 ? 0 : 1;
     }
 
-    private static int Gemm(int rows, int runs, string? only)
+    private static int Gemm(int rows, int runs, string? only, QuantFormat[] formats)
     {
         Console.WriteLine();
         Console.WriteLine($"## GEMM, M = {rows}: ms (median), speed-up over bf16 MatMul, GFLOP/s (2·M·K·N / time), rms error vs the fp32 product relative to its rms");
-        Console.WriteLine("| shape | bf16 | q8 panels | q8 int16 act | q8 int8 act | int16 / bf16 | int8 / bf16 | int16 / panels | GFLOP/s bf16 / int16 | err bf16 | err panels | err int16 | err int8 |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        Console.WriteLine("| shape | weights | bf16 | panels | int16 act | int8 act | int16 / bf16 | int8 / bf16 | int16 / panels | GFLOP/s bf16 / int16 | err bf16 | err panels | err int16 | err int8 |");
+        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var (name, k, n) in GemmShapes)
         {
             if (only != null && !name.Contains(only, StringComparison.Ordinal))
@@ -80,31 +82,31 @@ internal static unsafe class QuantCompare
             using var y = new NativeBuffer((long)rows * n);
             MatMul.Multiply(x.Span, rows, new WeightMatrix(w32.Pointer, DType.F32, n, k), default, reference.Span);
             ushort[] bf16 = ToBFloat16(w32.Pointer, (long)n * k);
-            var q8 = Quantizer.Quantize(new WeightMatrix(w32.Pointer, DType.F32, n, k), QuantFormat.Q8);
+            var quantized = formats.Select(format => Quantizer.Quantize(new WeightMatrix(w32.Pointer, DType.F32, n, k), format)).ToArray();
             fixed (ushort* bf16Pointer = bf16)
             {
                 var bf16Matrix = new WeightMatrix(bf16Pointer, DType.BF16, n, k);
-                var kernels = new (string Label, QuantPrefillKernel? Kernel)[]
-                {
-                    ("bf16", null), ("panels", QuantPrefillKernel.DequantizedPanels), ("int16", QuantPrefillKernel.Int16Activations), ("int8", QuantPrefillKernel.Int8Activations),
-                };
-                var actions = kernels.Select(entry => (Action)(() =>
-                {
-                    if (entry.Kernel is { } kernel)
-                    {
-                        QuantMatMul.PrefillKernel = kernel;
-                        QuantMatMul.Multiply(x.Span, rows, q8, default, y.Span);
-                    }
-                    else
-                        MatMul.Multiply(x.Span, rows, bf16Matrix, default, y.Span);
-                })).ToArray();
+                QuantPrefillKernel[] kernels = [QuantPrefillKernel.DequantizedPanels, QuantPrefillKernel.Int16Activations, QuantPrefillKernel.Int8Activations];
+                // bf16, then each format's three kernels: one alternation, so every ratio compares calls of the same rounds.
+                var actions = new List<Action> { () => MatMul.Multiply(x.Span, rows, bf16Matrix, default, y.Span) };
+                foreach (var w in quantized)
+                    foreach (var kernel in kernels)
+                        actions.Add(() =>
+                        {
+                            QuantMatMul.PrefillKernel = kernel;
+                            QuantMatMul.Multiply(x.Span, rows, w, default, y.Span);
+                        });
                 // Errors from one run each; the int8 kernel is the int16 one on CPUs without VNNI.
                 var errors = actions.Select(action => { action(); return RmsRelativeError(y.Span, reference.Span); }).ToArray();
                 // One thread: timed by the thread's CPU time, which time slices lost to other processes do not inflate.
-                double[] ms = KernelThreading.MaxThreads == 1 ? ThreadCpuAlternating(actions, runs, 3) : TimeAlternating(actions, runs, 3);
+                double[] ms = KernelThreading.MaxThreads == 1 ? ThreadCpuAlternating([.. actions], runs, 3) : TimeAlternating([.. actions], runs, 3);
                 QuantMatMul.PrefillKernel = QuantPrefillKernel.Auto;
-                Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                    $"| {name} {k}x{n} | {ms[0]:F2} | {ms[1]:F2} | {ms[2]:F2} | {ms[3]:F2} | {ms[0] / ms[2]:F2}x | {ms[0] / ms[3]:F2}x | {ms[1] / ms[2]:F2}x | {2.0 * rows * k * n / ms[0] / 1e6:F0} / {2.0 * rows * k * n / ms[2] / 1e6:F0} | {errors[0]:0.0e+0} | {errors[1]:0.0e+0} | {errors[2]:0.0e+0} | {errors[3]:0.0e+0} |"));
+                for (int f = 0; f < quantized.Length; f++)
+                {
+                    int p = 1 + 3 * f, i16 = p + 1, i8 = p + 2;
+                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"| {name} {k}x{n} | {formats[f].Name()} | {ms[0]:F2} | {ms[p]:F2} | {ms[i16]:F2} | {ms[i8]:F2} | {ms[0] / ms[i16]:F2}x | {ms[0] / ms[i8]:F2}x | {ms[p] / ms[i16]:F2}x | {2.0 * rows * k * n / ms[0] / 1e6:F0} / {2.0 * rows * k * n / ms[i16] / 1e6:F0} | {errors[0]:0.0e+0} | {errors[p]:0.0e+0} | {errors[i16]:0.0e+0} | {errors[i8]:0.0e+0} |"));
+                }
             }
         }
         return 0;

@@ -8,7 +8,7 @@ namespace PaliGemma.CpuOnly.Tests.Quant;
 
 /// <summary>
 /// nf4 weights on the integer-activation GEMM: each block of 64 is two blocks of 32 whose codes are the integers
-/// round(NF4[code] · level) and whose scale is absmax / level. Against a scalar model of that math (bit-equal on every
+/// round(NF4[code] · level) and whose scale is absmax · (1 / level). Against a scalar model of that math (bit-equal on every
 /// path this CPU has, fp16 and fp32 scales, K with tails inside either half of a block), and against the fp64 product
 /// of the dequantized weights within the analytic bound of the activation and table rounding.
 /// </summary>
@@ -46,7 +46,7 @@ public sealed unsafe class IntegerGemmNf4Tests
                 {
                     int dot = 0;
                     for (int i = 0; i < 32; i++) dot += codes[(m * blocks + b) * 32 + i] * wCodes[b * 32 + i];
-                    sum = MathF.FusedMultiplyAdd(dot, absMax[b / 2] / level * scales[m * blocks + b], sum);
+                    sum = MathF.FusedMultiplyAdd(dot, absMax[b / 2] * (1f / level) * scales[m * blocks + b], sum);
                 }
                 if (bias.Length > 0) sum += bias[r];
                 y[m * n + r] = softCap > 0f ? softCap * MathF.Tanh(sum / softCap) : sum;
