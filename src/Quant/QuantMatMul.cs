@@ -51,7 +51,8 @@ public static unsafe class QuantMatMul
     /// <summary>
     /// From this many x rows <see cref="QuantPrefillKernel.Auto"/> takes the int16-activation kernel (measured faster than
     /// the panels on every Gemma and SigLIP shape at 16 and 256 rows; at 5 rows it loses on some, where the padding of
-    /// the x rows to whole micro-kernels and the per-item copy of W cost more than the multiply-adds save).
+    /// the x rows to whole micro-kernels and the per-item copy of W cost more than the multiply-adds save). nf4 weights
+    /// follow the same rule: at 16 rows they measured level with their panels (0.9-1.1x), at 32 rows 1.2-1.5x faster.
     /// </summary>
     public const int IntegerMinRows = 16;
 

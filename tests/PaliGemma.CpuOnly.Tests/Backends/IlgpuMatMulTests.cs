@@ -44,25 +44,6 @@ public sealed unsafe class IlgpuMatMulTests(IlgpuFixture fixture)
     public void MatMul_matches_reference_on_multi_tile_shapes(int rows, int k, int n, StoredWeights weights) =>
         Check(fixture.Backend, new DeviceMatMulCase(rows, k, n, weights, Bias: true, SoftCap: 0f, XOffset: 1, Seed: rows * 31 + k));
 
-    /// <summary>Σ |x_i| · absmax(block of i) / (2 · level): what rounding the NF4 table to integers can add to one output.</summary>
-    private static double Nf4TableBound(ReadOnlySpan<float> x, ReadOnlySpan<double> decodedRow)
-    {
-        int block = QuantFormat.Nf4.BlockSize();
-        double bound = 0;
-        for (int b0 = 0; b0 < x.Length; b0 += block)
-        {
-            int end = Math.Min(x.Length, b0 + block);
-            double absMax = 0, xSum = 0;
-            for (int i = b0; i < end; i++)
-            {
-                absMax = Math.Max(absMax, Math.Abs(decodedRow[i]));
-                xSum += Math.Abs(x[i]);
-            }
-            bound += xSum * absMax / (2.0 * IntegerGemm.Nf4Level(IntegerGemm.BestInt16));
-        }
-        return bound;
-    }
-
     internal static void Check(IComputeBackend backend, DeviceMatMulCase c)
     {
         var random = new Random(c.Seed);
@@ -71,6 +52,9 @@ public sealed unsafe class IlgpuMatMulTests(IlgpuFixture fixture)
         float[] bias = c.Bias ? RandomFloats(random, c.N, -3f, 3f) : [];
         var (operand, decoded, pin) = MakeWeights(values, c.N, c.K, c.Weights);
         using var handle = pin;
+        // The CPU backend multiplies many rows of q8/nf4 weights on quantized activations (IntegerGemm): its bound adds
+        // the rounding of the activations and, for nf4, of the integer code table.
+        var integerPath = backend is CpuBackend && operand is QuantizedMatrix quantized ? QuantMatMul.PrefillPath(c.Rows, quantized) : IntegerGemm.Path.None;
         using var scope = new DeviceScope(backend);
 
         var xs = scope.Upload(x, c.XOffset, slack: 2, fill: float.NaN);
@@ -96,15 +80,33 @@ public sealed unsafe class IlgpuMatMulTests(IlgpuFixture fixture)
                 double expected = c.SoftCap > 0 ? c.SoftCap * Math.Tanh(sum / c.SoftCap) : sum;
                 // The quantized kernels' bound, plus the soft-cap kernel's (tanh in fp32).
                 double tolerance = 1e-5 * magnitude + 1e-6 + 2e-6 * c.SoftCap;
-                // nf4 on the CPU's integer GEMM: each NF4 value rounded to 1/level of its block's absmax (the block's
-                // largest decoded magnitude: the absmax element takes code ±1), at most half a step per weight.
-                if (c.Weights == StoredWeights.Nf4 && c.Rows > QuantMatMul.GemvMaxRows)
-                    tolerance += Nf4TableBound(x.AsSpan(m * c.K, c.K), decoded.AsSpan(j * c.K, c.K));
+                if (integerPath != IntegerGemm.Path.None)
+                    tolerance += IntegerPathBound((QuantizedMatrix)operand, integerPath, x.AsSpan(m * c.K, c.K), decoded.AsSpan(j * c.K, c.K), j);
                 AssertClose(expected, result[m * c.N + j], tolerance, $"y[{m}, {j}] ({c})");
             }
         }
         for (int j = c.Rows * c.N; j < result.Length; j++)
             Assert.Equal(12345f, result[j]);
+    }
+
+    /// <summary>
+    /// How far the integer GEMM may move one output from the product of the dequantized weights: each activation by half
+    /// its block's step (absmax / L), each nf4 weight by half the code table's step (absmax / level), and their product.
+    /// </summary>
+    private static double IntegerPathBound(QuantizedMatrix w, IntegerGemm.Path path, ReadOnlySpan<float> x, ReadOnlySpan<double> weights, int row)
+    {
+        double bound = 0;
+        for (int b = 0; b * 32 < x.Length; b++)
+        {
+            int end = Math.Min(x.Length, b * 32 + 32);
+            double xMax = 0;
+            for (int i = b * 32; i < end; i++) xMax = Math.Max(xMax, Math.Abs(x[i]));
+            double xError = xMax / IntegerGemm.ActivationLimit(path) / 2;
+            double wError = w.Format == QuantFormat.Nf4 ? w.Scale(row, b / 2) / IntegerGemm.Nf4Level(path) / 2.0 : 0;
+            for (int i = b * 32; i < end; i++)
+                bound += xError * Math.Abs(weights[i]) + Math.Abs(x[i]) * wError + xError * wError;
+        }
+        return bound * (1 + 1e-4);
     }
 
     /// <summary>The weight in the requested storage, the exact value of every stored element, and what keeps it pinned.</summary>
