@@ -563,13 +563,7 @@ public static unsafe class QuantMatMul
         for (; b + 2 <= blocks; b += 2)
         {
             int o = b * 32;
-            if (ahead != 0)
-            {
-                Sse.Prefetch0(q0 + o + ahead);
-                Sse.Prefetch0(q1 + o + ahead);
-                Sse.Prefetch0(q2 + o + ahead);
-                Sse.Prefetch0(q3 + o + ahead);
-            }
+            PrefetchFourRows(r0 + o, r1 + o, r2 + o, r3 + o, ahead);
             Vector512<short> x0 = Vector512.Load(x + o), x1 = Vector512.Load(x + o + 32);
             a0 = Q8BlockInt16(q0 + o, x0, c0[b], a0); e0 = Q8BlockInt16(q0 + o + 32, x1, c0[b + 1], e0);
             a1 = Q8BlockInt16(q1 + o, x0, c1[b], a1); e1 = Q8BlockInt16(q1 + o + 32, x1, c1[b + 1], e1);
@@ -586,6 +580,18 @@ public static unsafe class QuantMatMul
             a3 = Q8BlockInt16(q3 + o, x0, c3[b], a3);
         }
         sums[0] = Vector512.Sum(a0 + e0); sums[1] = Vector512.Sum(a1 + e1); sums[2] = Vector512.Sum(a2 + e2); sums[3] = Vector512.Sum(a3 + e3);
+    }
+
+    /// <summary>Asks for the line <paramref name="ahead"/> bytes past each of the four rows' current codes (none when 0).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void PrefetchFourRows(byte* q0, byte* q1, byte* q2, byte* q3, nint ahead)
+    {
+        if (ahead == 0)
+            return;
+        Sse.Prefetch0(q0 + ahead);
+        Sse.Prefetch0(q1 + ahead);
+        Sse.Prefetch0(q2 + ahead);
+        Sse.Prefetch0(q3 + ahead);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -609,13 +615,7 @@ public static unsafe class QuantMatMul
         for (; b + 2 <= blocks; b += 2)
         {
             int o = b * 32;
-            if (ahead != 0)
-            {
-                Sse.Prefetch0(q0 + o + ahead);
-                Sse.Prefetch0(q1 + o + ahead);
-                Sse.Prefetch0(q2 + o + ahead);
-                Sse.Prefetch0(q3 + o + ahead);
-            }
+            PrefetchFourRows(q0 + o, q1 + o, q2 + o, q3 + o, ahead);
             short* xp = x + b * 64;
             Vector512<short> x0 = Vector512.Load(xp), x1 = Vector512.Load(xp + 32), x2 = Vector512.Load(xp + 64), x3 = Vector512.Load(xp + 96);
             a0 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q0 + o)), x0, x1, x2, x3), PairScales(c0 + b), a0);

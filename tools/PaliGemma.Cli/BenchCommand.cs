@@ -417,16 +417,11 @@ public static class BenchCommand
             sessions[2].Prefill(ids, default, ids.Length, model.EncodeImages(pixels, 1), logits[2]);
             // Each session follows its own greedy tokens (they part ways: the adapter changes them, bf16 rounding may too).
             var next = logits.Select(l => new[] { TensorPrimitives.IndexOfMax(l) }).ToArray();
+            var seconds = new double[sessions.Length];
             for (int step = 1; step < newTokens; step++)
             {
-                for (int turn = 0; turn < 3; turn++)
-                {
-                    int s = (step + turn) % 3;
-                    clock.Restart();
-                    sessions[s].Decode(next[s], logits[s]);
-                    next[s][0] = TensorPrimitives.IndexOfMax(logits[s]);
-                    steps[s].Add(clock.Elapsed.TotalSeconds);
-                }
+                BenchVersus.DecodeInTurn(sessions, next, logits, step, seconds, clock);
+                for (int s = 0; s < seconds.Length; s++) steps[s].Add(seconds[s]);
             }
             progress(string.Create(CultureInfo.InvariantCulture, $"interleaved run {r + 1}/{runs}: {newTokens - 1} steps each"));
         }

@@ -87,13 +87,7 @@ internal static class BenchVersus
             var stepTimes = new double[count];
             for (int step = 1; step < newTokens; step++)
             {
-                foreach (int m in Turns(round + warmupRounds + step, count))
-                {
-                    clock.Restart();
-                    sessions[m].Decode(next[m], logits[m]);
-                    next[m][0] = TensorPrimitives.IndexOfMax(logits[m]);
-                    stepTimes[m] = clock.Elapsed.TotalSeconds;
-                }
+                DecodeInTurn(sessions, next, logits, round + warmupRounds + step, stepTimes, clock);
                 if (recorded) Record(decode, decodeRatios, stepTimes);
             }
             progress((recorded ? $"versus round {round + 1}/{rounds}: " : $"versus warm-up {round + warmupRounds + 1}/{warmupRounds}: ") + string.Join(", ", Enumerable.Range(0, count).Select(m => string.Create(CultureInfo.InvariantCulture,
@@ -103,6 +97,21 @@ internal static class BenchVersus
         return Enumerable.Range(0, count).Select(m => new Entry(models[m].Directory, models[m].Weights, models[m].DecodeBytesPerToken,
             rounds, decode[m].Count, BenchCommand.Median(vision[m]), BenchCommand.Median(prefill[m]), BenchCommand.Median(decode[m]),
             BenchCommand.Median(visionRatios[m]), BenchCommand.Median(prefillRatios[m]), BenchCommand.Median(decodeRatios[m]))).ToList();
+    }
+
+    /// <summary>
+    /// One greedy decode step of every session, in the order <see cref="Turns"/> gives for <paramref name="shift"/>:
+    /// each follows its own argmax token (ignoring &lt;eos&gt;); <paramref name="seconds"/>[s] is session s's step time.
+    /// </summary>
+    internal static void DecodeInTurn(PaliGemmaSession[] sessions, int[][] next, float[][] logits, int shift, double[] seconds, Stopwatch clock)
+    {
+        foreach (int s in Turns(shift, sessions.Length))
+        {
+            clock.Restart();
+            sessions[s].Decode(next[s], logits[s]);
+            next[s][0] = TensorPrimitives.IndexOfMax(logits[s]);
+            seconds[s] = clock.Elapsed.TotalSeconds;
+        }
     }
 
     /// <summary>Model indices in the order of one turn: a rotation that moves by one every round or step.</summary>

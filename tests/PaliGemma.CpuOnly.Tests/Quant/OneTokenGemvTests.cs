@@ -39,12 +39,12 @@ public sealed unsafe class OneTokenGemvTests
         if (!Supported)
             return;
         var random = new Random(c.Seed);
-        float[] x = Floats(random, c.K, 2f);
+        float[] x = QuantKernelTests.RandomFloats(random, c.K, 2f);
         // A block of zeros and a block with one outlier: the zero scale and coarse codes for the rest of the block.
         if (c.K > 70) { Array.Clear(x, 0, 32); x[40] = 300f; }
-        float[] weights = Floats(random, c.N * c.K, 1f);
-        float[] bias = c.Bias ? Floats(random, c.N, 3f) : [];
-        var q = Quantize(weights, c.N, c.K, c.Format, c.ScaleType);
+        float[] weights = QuantKernelTests.RandomFloats(random, c.N * c.K, 1f);
+        float[] bias = c.Bias ? QuantKernelTests.RandomFloats(random, c.N, 3f) : [];
+        var q = QuantKernelTests.QuantizeF32(weights, c.N, c.K, c.Format, c.ScaleType);
         var y = new float[c.N + 1];
         Array.Fill(y, 12345f);
         QuantMatMul.Multiply(x, 1, q, bias, y.AsSpan(0, c.N), c.SoftCap, QuantMatMul.GemvPath.Vector512);
@@ -68,9 +68,9 @@ public sealed unsafe class OneTokenGemvTests
             return;
         const int k = 300, n = 70;
         var random = new Random(7);
-        float[] x = Floats(random, k, 1f);
+        float[] x = QuantKernelTests.RandomFloats(random, k, 1f);
         x[131] = bad;
-        var q = Quantize(Floats(random, n * k, 1f), n, k, format, DType.F16);
+        var q = QuantKernelTests.QuantizeF32(QuantKernelTests.RandomFloats(random, n * k, 1f), n, k, format, DType.F16);
         var y = new float[n];
         QuantMatMul.Multiply(x, 1, q, default, y, 0f, QuantMatMul.GemvPath.Vector512);
         Assert.All(y, value => Assert.True(float.IsNaN(value), $"{value}"));
@@ -98,7 +98,7 @@ public sealed unsafe class OneTokenGemvTests
             return;
         int size = format.BlockSize();
         var random = new Random(blocks);
-        float[] x = Floats(random, blocks * size, 5f);
+        float[] x = QuantKernelTests.RandomFloats(random, blocks * size, 5f);
         Array.Clear(x, 0, size / 2);
         if (blocks > 1)
         {
@@ -265,20 +265,5 @@ public sealed unsafe class OneTokenGemvTests
             magnitude[n] = total;
         }
         return (y, magnitude);
-    }
-
-    private static float[] Floats(Random random, int count, float range)
-    {
-        var values = new float[count];
-        for (int i = 0; i < count; i++) values[i] = (float)((random.NextDouble() * 2 - 1) * range);
-        return values;
-    }
-
-    private static QuantizedMatrix Quantize(float[] weights, int n, int k, QuantFormat format, DType scaleType)
-    {
-        fixed (float* p = weights)
-            // fp16 refuses blocks whose scale it cannot hold (tiny tail blocks): fp32 then.
-            return Quantizer.TryQuantize(new WeightMatrix(p, DType.F32, n, k), format, scaleType)
-                ?? Quantizer.TryQuantize(new WeightMatrix(p, DType.F32, n, k), format, DType.F32)!;
     }
 }

@@ -51,14 +51,14 @@ public sealed record PackedQuantCase(QuantMatMulCase Case, Kernels.Width Width);
 
 public sealed unsafe class QuantKernelTests
 {
-    private static float[] RandomFloats(Random random, int count, float range)
+    internal static float[] RandomFloats(Random random, int count, float range)
     {
         var values = new float[count];
         for (int i = 0; i < count; i++) values[i] = (float)((random.NextDouble() * 2 - 1) * range);
         return values;
     }
 
-    private static QuantizedMatrix QuantizeF32(float[] weights, int n, int k, QuantFormat format, DType scaleType)
+    internal static QuantizedMatrix QuantizeF32(float[] weights, int n, int k, QuantFormat format, DType scaleType)
     {
         fixed (float* p = weights)
         {
