@@ -321,25 +321,44 @@ internal static unsafe class IntegerGemm
     /// (vpcvtps2dq rounds half to even, as Round does; the products are within ±L·(1 + ε), so no conversion saturates).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float QuantizeBlockInt16Vector512(float* source, out Vector512<int> pairs)
+    internal static float QuantizeBlockInt16Vector512(float* source, out Vector512<int> pairs)
     {
         Vector512<float> v0 = Vector512.Load(source), v1 = Vector512.Load(source + 16);
-        Vector512<float> peak = Vector512.MaxNative(Vector512.Abs(v0), Vector512.Abs(v1));
-        Vector256<float> half = Vector256.MaxNative(peak.GetLower(), peak.GetUpper());
-        Vector128<float> quarter = Vector128.MaxNative(half.GetLower(), half.GetUpper());
-        float absMax = MathF.Max(MathF.Max(quarter[0], quarter[1]), MathF.Max(quarter[2], quarter[3]));
-        bool finite = (Vector512.IsFinite(v0) & Vector512.IsFinite(v1)).ExtractMostSignificantBits() == 0xFFFF;
-        if (!finite || absMax < MinAbsMax)
+        float scale = BlockInverse(Vector512.MaxNative(Vector512.Abs(v0), Vector512.Abs(v1)), Vector512.IsFinite(v0) & Vector512.IsFinite(v1),
+            short.MaxValue, out Vector512<float> inverse);
+        pairs = Vector512.Create(ToInt16(v0 * inverse, short.MaxValue), ToInt16(v1 * inverse, short.MaxValue)).AsInt32();
+        return scale;
+    }
+
+    /// <summary>A block's scale from its lanes' peaks, and the multiplier that turns its values into codes (0 for a zero or bad block).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static float BlockInverse(Vector512<float> peak, Vector512<float> finite, int limit, out Vector512<float> inverse)
+    {
+        float absMax = MaxLane(peak);
+        bool allFinite = finite.AsInt32() == Vector512<int>.AllBitsSet;
+        if (!allFinite || absMax < MinAbsMax)
         {
-            pairs = Vector512<int>.Zero;
-            return finite ? 0f : float.NaN;
+            inverse = Vector512<float>.Zero;
+            return allFinite ? 0f : float.NaN;
         }
-        Vector512<float> inverse = Vector512.Create(short.MaxValue / absMax);
-        Vector512<int> limit = Vector512.Create((int)short.MaxValue);
-        Vector512<int> q0 = Vector512.Clamp(Avx512F.ConvertToVector512Int32(v0 * inverse), -limit, limit);
-        Vector512<int> q1 = Vector512.Clamp(Avx512F.ConvertToVector512Int32(v1 * inverse), -limit, limit);
-        pairs = Vector512.Create(Avx512F.ConvertToVector256Int16(q0), Avx512F.ConvertToVector256Int16(q1)).AsInt32();
-        return absMax / short.MaxValue;
+        inverse = Vector512.Create(limit / absMax);
+        return absMax / limit;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static float MaxLane(Vector512<float> v)
+    {
+        Vector256<float> half = Vector256.MaxNative(v.GetLower(), v.GetUpper());
+        Vector128<float> quarter = Vector128.MaxNative(half.GetLower(), half.GetUpper());
+        return MathF.Max(MathF.Max(quarter[0], quarter[1]), MathF.Max(quarter[2], quarter[3]));
+    }
+
+    /// <summary>16 scaled values rounded half to even (vcvtps2dq) and clamped to ±limit, as int16.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static Vector256<short> ToInt16(Vector512<float> scaled, int limit)
+    {
+        Vector512<int> bound = Vector512.Create(limit);
+        return Avx512F.ConvertToVector256Int16(Vector512.Clamp(Avx512F.ConvertToVector512Int32(scaled), -bound, bound));
     }
 
     /// <summary>

@@ -418,12 +418,11 @@ public static unsafe class QuantMatMul
     {
         if (format == QuantFormat.Q8)
         {
+            // The prefill GEMM's block coder (L = 32767), its 16 code pairs stored in x's order.
             for (int b = 0; b < blocks; b++)
             {
-                float* source = x + b * 32;
-                Vector512<float> v0 = Vector512.Load(source), v1 = Vector512.Load(source + 16);
-                scales[b] = BlockInverse(Vector512.MaxNative(Vector512.Abs(v0), Vector512.Abs(v1)), Vector512.IsFinite(v0) & Vector512.IsFinite(v1), Q8ActivationLimit, out Vector512<float> inverse);
-                Vector512.Create(ToInt16(v0 * inverse, Q8ActivationLimit), ToInt16(v1 * inverse, Q8ActivationLimit)).Store(codes + b * 32);
+                scales[b] = IntegerGemm.QuantizeBlockInt16Vector512(x + b * 32, out Vector512<int> pairs);
+                pairs.AsInt16().Store(codes + b * 32);
             }
             return;
         }
@@ -448,9 +447,9 @@ public static unsafe class QuantMatMul
                 Vector512<float> peak = Vector512.MaxNative(Vector512.MaxNative(Vector512.Abs(v0), Vector512.Abs(v1)), Vector512.MaxNative(Vector512.Abs(v2), Vector512.Abs(v3)));
                 var finite = Vector512.IsFinite(v0) & Vector512.IsFinite(v1) & Vector512.IsFinite(v2) & Vector512.IsFinite(v3);
                 // The int16 table carries a factor Nf4TableLimit, which the block's scale takes out.
-                scales[b + e] = BlockInverse(peak, finite, Nf4ActivationLimit, out Vector512<float> inverse) / Nf4TableLimit;
-                halves[2 * e] = Vector512.Create(ToInt16(v0 * inverse, Nf4ActivationLimit), ToInt16(v1 * inverse, Nf4ActivationLimit));
-                halves[2 * e + 1] = Vector512.Create(ToInt16(v2 * inverse, Nf4ActivationLimit), ToInt16(v3 * inverse, Nf4ActivationLimit));
+                scales[b + e] = IntegerGemm.BlockInverse(peak, finite, Nf4ActivationLimit, out Vector512<float> inverse) / Nf4TableLimit;
+                halves[2 * e] = Vector512.Create(IntegerGemm.ToInt16(v0 * inverse, Nf4ActivationLimit), IntegerGemm.ToInt16(v1 * inverse, Nf4ActivationLimit));
+                halves[2 * e + 1] = Vector512.Create(IntegerGemm.ToInt16(v2 * inverse, Nf4ActivationLimit), IntegerGemm.ToInt16(v3 * inverse, Nf4ActivationLimit));
             }
             short* target = codes + b * 64;
             Avx512BW.PermuteVar32x16x2(halves[0], even, halves[2]).Store(target);
@@ -458,37 +457,6 @@ public static unsafe class QuantMatMul
             Avx512BW.PermuteVar32x16x2(halves[0], odd, halves[2]).Store(target + 64);
             Avx512BW.PermuteVar32x16x2(halves[1], odd, halves[3]).Store(target + 96);
         }
-    }
-
-    /// <summary>A block's scale from its lanes' peaks, and the multiplier that turns its values into codes (0 for a zero or bad block).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float BlockInverse(Vector512<float> peak, Vector512<float> finite, int limit, out Vector512<float> inverse)
-    {
-        float absMax = MaxLane(peak);
-        bool allFinite = finite.AsInt32() == Vector512<int>.AllBitsSet;
-        if (!allFinite || absMax < IntegerGemm.MinAbsMax)
-        {
-            inverse = Vector512<float>.Zero;
-            return allFinite ? 0f : float.NaN;
-        }
-        inverse = Vector512.Create(limit / absMax);
-        return absMax / limit;
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float MaxLane(Vector512<float> v)
-    {
-        Vector256<float> half = Vector256.MaxNative(v.GetLower(), v.GetUpper());
-        Vector128<float> quarter = Vector128.MaxNative(half.GetLower(), half.GetUpper());
-        return MathF.Max(MathF.Max(quarter[0], quarter[1]), MathF.Max(quarter[2], quarter[3]));
-    }
-
-    /// <summary>16 scaled values rounded half to even (vcvtps2dq) and clamped to ±limit, as int16.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector256<short> ToInt16(Vector512<float> scaled, int limit)
-    {
-        Vector512<int> bound = Vector512.Create(limit);
-        return Avx512F.ConvertToVector256Int16(Vector512.Clamp(Avx512F.ConvertToVector512Int32(scaled), -bound, bound));
     }
 
     /// <summary>x's block scales times 2^112 into <paramref name="rebiased"/>; false where one would overflow (the scale is above 2^15).</summary>
