@@ -91,8 +91,9 @@ public static class Program
         --quant-scales search|absmax: each block's least-error scale of 16 candidates (quantize's default) or its absmax
         (the default of --dtype on generate/bench/eval-quant: loads several times faster, less accurate; search gives what
         quantize writes).
-        Any command: --q8-prefill int16|int8|panels picks the kernel for many-token q8 and nf4 products (prefill, vision): int16
-        (default) or int8 quantized activations on integer multiply-adds, or fp32 activations on dequantized panels.
+        Any command: --quant-prefill int16|int8|panels picks the kernel for many-token q8 and nf4 products (prefill, vision):
+        int16 (default) or int8 quantized activations on integer multiply-adds, or fp32 activations on dequantized panels
+        (--q8-prefill, its older name, is still accepted).
         """;
 
     public static int Main(string[] args)
@@ -110,7 +111,7 @@ public static class Program
                                       $"{(System.Runtime.CompilerServices.RuntimeFeature.IsDynamicCodeSupported ? "JIT" : "NativeAOT")})");
                 return 0;
             }
-            args = TakeQ8PrefillOption(args);
+            args = TakeQuantPrefillOption(args);
             return args[0] switch
             {
                 "generate" => GenerateCommand.Run(args[1..]),
@@ -149,20 +150,26 @@ public static class Program
         }
     }
 
-    /// <summary>Applies and removes <c>--q8-prefill int16|int8|panels</c> (a process-wide kernel choice, so every command takes it).</summary>
-    private static string[] TakeQ8PrefillOption(string[] args)
+    /// <summary>
+    /// Applies and removes <c>--quant-prefill int16|int8|panels</c> (or its older name <c>--q8-prefill</c>, from before nf4
+    /// took the same kernels): a process-wide kernel choice, so every command takes it.
+    /// </summary>
+    private static string[] TakeQuantPrefillOption(string[] args)
     {
-        int at = Array.IndexOf(args, "--q8-prefill");
+        int at = Array.FindIndex(args, a => a is "--quant-prefill" or "--q8-prefill");
         if (at < 0)
             return args;
+        string option = args[at];
+        if (Array.FindIndex(args, at + 1, a => a is "--quant-prefill" or "--q8-prefill") >= 0)
+            throw new UsageException($"{option} is given twice (--q8-prefill is the older name of --quant-prefill)");
         if (at + 1 >= args.Length)
-            throw new UsageException("--q8-prefill needs int16, int8 or panels");
+            throw new UsageException($"{option} needs int16, int8 or panels");
         PaliGemma.CpuOnly.Quant.QuantMatMul.PrefillKernel = args[at + 1] switch
         {
             "int16" => PaliGemma.CpuOnly.Quant.QuantPrefillKernel.Int16Activations,
             "int8" => PaliGemma.CpuOnly.Quant.QuantPrefillKernel.Int8Activations,
             "panels" => PaliGemma.CpuOnly.Quant.QuantPrefillKernel.DequantizedPanels,
-            _ => throw new UsageException($"--q8-prefill '{args[at + 1]}': expected int16, int8 or panels"),
+            _ => throw new UsageException($"{option} '{args[at + 1]}': expected int16, int8 or panels"),
         };
         string[] rest = [.. args[..at], .. args[(at + 2)..]];
         return rest.Length > 0 ? rest : throw new UsageException("no command given");

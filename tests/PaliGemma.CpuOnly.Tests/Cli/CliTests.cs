@@ -114,6 +114,21 @@ public sealed class CliTests
         Assert.StartsWith("paligemma: ", stderr);
     }
 
+    // Only rejected values: an accepted one would change the process-wide kernel choice under other tests.
+    [Theory]
+    [InlineData("--quant-prefill '4bit': expected int16, int8 or panels", "--quant-prefill", "4bit", "frobnicate")]
+    [InlineData("--q8-prefill 'fp8': expected int16, int8 or panels", "--q8-prefill", "fp8", "frobnicate")]
+    [InlineData("--quant-prefill needs int16, int8 or panels", "frobnicate", "--quant-prefill")]
+    [InlineData("--quant-prefill is given twice", "--quant-prefill", "panels", "bench", "--q8-prefill", "int8")]
+    public void The_prefill_kernel_option_takes_either_name_and_names_the_one_given_in_errors(string message, params string[] args)
+    {
+        var saved = PaliGemma.CpuOnly.Quant.QuantMatMul.PrefillKernel;
+        var (code, _, stderr) = Run(args);
+        Assert.Equal(2, code);
+        Assert.Contains(message, stderr);
+        Assert.Equal(saved, PaliGemma.CpuOnly.Quant.QuantMatMul.PrefillKernel);
+    }
+
     [Fact]
     public void Missing_or_corrupt_files_give_one_line_naming_the_file_and_exit_code_1()
     {
