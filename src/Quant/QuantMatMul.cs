@@ -258,12 +258,9 @@ public static unsafe class QuantMatMul
         /// </summary>
         private void RunOneToken(int n0, int n1)
         {
-            int blocks = w.BlocksPerRow;
-            long rowBytes = (long)blocks * 32;
-            // nf4 rows of combined scales keep a zero past an odd block count (the zero partner block's scale).
-            int stride = w.Format == QuantFormat.Nf4 ? (blocks + 1) & ~1 : blocks;
-            float[] buffer = t_scales is { } reused && reused.Length >= 4 * stride ? reused : (t_scales = GC.AllocateUninitializedArray<float>(Math.Max(4 * stride, 256), pinned: true));
-            float* scales = (float*)Unsafe.AsPointer(ref buffer[0]);
+            long rowBytes = (long)w.BlocksPerRow * 32;
+            // The four rows' combined scales, a group of 16 blocks at a time plus the last partial group (see OneTokenScaleGroup).
+            float* scales = stackalloc float[8 * OneTokenScaleGroup];
             float* sums = stackalloc float[4];
             int count = n1 - n0;
             int laneRows = count >= 8 ? (count / 4 - 1) | 1 : 0;
@@ -275,41 +272,34 @@ public static unsafe class QuantMatMul
             for (int t = 0; t < laneRows; t++)
             {
                 int r0 = n0 + t;
-                Step(r0, r0 + laneRows, r0 + 2 * laneRows, r0 + 3 * laneRows, 4, OneTokenPrefetchBytes, scales, stride, sums);
+                Step(r0, r0 + laneRows, r0 + 2 * laneRows, r0 + 3 * laneRows, 4, OneTokenPrefetchBytes, scales, sums);
             }
             for (int r = n0 + 4 * laneRows; r < n1; r += 4)
             {
                 int valid = Math.Min(4, n1 - r);
-                Step(r, r + Math.Min(1, valid - 1), r + Math.Min(2, valid - 1), r + Math.Min(3, valid - 1), valid, 0, scales, stride, sums);
+                Step(r, r + Math.Min(1, valid - 1), r + Math.Min(2, valid - 1), r + Math.Min(3, valid - 1), valid, 0, scales, sums);
             }
         }
 
         /// <summary>
-        /// Rows r0..r3 (the first <paramref name="valid"/> stored): their block scales times x's, then the kernel; with a
-        /// prefetch distance, also the scale lines of each row 2 on (the scales live apart from the codes).
+        /// Rows r0..r3 (the first <paramref name="valid"/> stored) by the kernel, which combines their block scales with x's
+        /// as it goes; with a prefetch distance, also the scale lines of each row 2 on (the scales live apart from the codes).
         /// </summary>
-        private void Step(int r0, int r1, int r2, int r3, int valid, nint ahead, float* scales, int stride, float* sums)
+        private void Step(int r0, int r1, int r2, int r3, int valid, nint ahead, float* scales, float* sums)
         {
-            int blocks = w.BlocksPerRow;
-            long rowBytes = (long)blocks * 32;
             if (ahead != 0)
             {
                 // Two rows on: measured against none (nf4 6-9 % slower), 8 and 32 rows (level or slower).
-                long scaleRowBytes = (long)blocks * w.ScaleType.SizeOf();
+                long scaleRowBytes = (long)w.BlocksPerRow * w.ScaleType.SizeOf();
                 PrefetchScales(w.ScaleData + (r0 + 2) * scaleRowBytes, scaleRowBytes);
                 PrefetchScales(w.ScaleData + (r1 + 2) * scaleRowBytes, scaleRowBytes);
                 PrefetchScales(w.ScaleData + (r2 + 2) * scaleRowBytes, scaleRowBytes);
                 PrefetchScales(w.ScaleData + (r3 + 2) * scaleRowBytes, scaleRowBytes);
             }
-            CombineScales(w, (long)r0 * blocks, blocks, stride, oneToken.Scales, oneToken.RebiasedScales, scales);
-            CombineScales(w, (long)r1 * blocks, blocks, stride, oneToken.Scales, oneToken.RebiasedScales, scales + stride);
-            CombineScales(w, (long)r2 * blocks, blocks, stride, oneToken.Scales, oneToken.RebiasedScales, scales + 2 * stride);
-            CombineScales(w, (long)r3 * blocks, blocks, stride, oneToken.Scales, oneToken.RebiasedScales, scales + 3 * stride);
-            byte* q0 = w.Blocks + r0 * rowBytes, q1 = w.Blocks + r1 * rowBytes, q2 = w.Blocks + r2 * rowBytes, q3 = w.Blocks + r3 * rowBytes;
             if (w.Format == QuantFormat.Q8)
-                DotQ8FourRowsInt16(q0, q1, q2, q3, blocks, scales, stride, oneToken.Codes, ahead, sums);
+                DotQ8FourRowsInt16(w, r0, r1, r2, r3, oneToken, ahead, scales, sums);
             else
-                DotNf4FourRowsInt16(q0, q1, q2, q3, blocks, scales, stride, oneToken.Codes, ahead, sums);
+                DotNf4FourRowsInt16(w, r0, r1, r2, r3, oneToken, ahead, scales, sums);
             Store(y + r0, sums[0] + (bias == null ? 0f : bias[r0]), softCap);
             if (valid > 1) Store(y + r1, sums[1] + (bias == null ? 0f : bias[r1]), softCap);
             if (valid > 2) Store(y + r2, sums[2] + (bias == null ? 0f : bias[r2]), softCap);
@@ -346,21 +336,22 @@ public static unsafe class QuantMatMul
             // |h| << 13 puts the exponent and fraction where fp32 keeps them, 112 below fp32's bias; the multiply by 2^112
             // rebiases normal numbers and turns fp16 subnormals (fp32 subnormal bits) into the right normal values.
             // Infinity and NaN (exponent 31) keep an all-ones exponent instead.
-            var magnitudeMask = Vector512.Create(0x7FFFu);
-            var infinity = Vector512.Create(0x7C00u);
-            var rebias = Vector512.Create(BitConverter.UInt32BitsToSingle(0x77800000u)); // 2^112
             for (; i + 16 <= count; i += 16)
-            {
-                Vector512<uint> bits = Avx512F.ConvertToVector512UInt32(Vector256.Load(source + i));
-                Vector512<uint> magnitude = bits & magnitudeMask;
-                Vector512<float> finite = (magnitude << 13).AsSingle() * rebias;
-                Vector512<float> special = ((magnitude << 13) | Vector512.Create(0x7F800000u)).AsSingle();
-                Vector512<float> value = Vector512.ConditionalSelect(Vector512.GreaterThanOrEqual(magnitude, infinity).AsSingle(), special, finite);
-                (value.AsUInt32() | ((bits & Vector512.Create(0x8000u)) << 16)).AsSingle().Store(destination + i);
-            }
+                WidenSixteen(Avx512F.ConvertToVector512UInt32(Vector256.Load(source + i))).Store(destination + i);
         }
         for (; i < count; i++)
             destination[i] = (float)BitConverter.UInt16BitsToHalf(source[i]);
+    }
+
+    /// <summary>16 fp16 bit patterns (zero-extended to 32 bits) to fp32, exactly.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> WidenSixteen(Vector512<uint> bits)
+    {
+        Vector512<uint> magnitude = bits & Vector512.Create(0x7FFFu);
+        Vector512<float> finite = (magnitude << 13).AsSingle() * Vector512.Create(BitConverter.UInt32BitsToSingle(0x77800000u)); // 2^112
+        Vector512<float> special = ((magnitude << 13) | Vector512.Create(0x7F800000u)).AsSingle();
+        Vector512<float> value = Vector512.ConditionalSelect(Vector512.GreaterThanOrEqual(magnitude, Vector512.Create(0x7C00u)).AsSingle(), special, finite);
+        return (value.AsUInt32() | ((bits & Vector512.Create(0x8000u)) << 16)).AsSingle();
     }
 
     // Two to four x rows (one token takes the int16 kernels); rows beyond count reuse row 0 (their sums are ignored).
@@ -518,34 +509,101 @@ public static unsafe class QuantMatMul
     }
 
     /// <summary>
+    /// Blocks per group of combined scales in the one-token kernels: one vector of them, made just before its codes are
+    /// read. Combining a whole row of scales per step instead (a pass over 4 rows' scales into a buffer before the
+    /// kernel) cost the 2048 x 16384 down projection about a fifth of its rate, and the 2048-wide matrices a few percent.
+    /// </summary>
+    internal const int OneTokenScaleGroup = 16;
+
+    /// <summary>
+    /// <see cref="OneTokenScaleGroup"/> combined scales of one W row from block <paramref name="first"/>, bit for bit as
+    /// <see cref="CombineScales"/> gives them (a vector holding a negative scale, an infinity or a NaN, or x's scales
+    /// without their rebiased copy, takes the exact widening); inline and without calls, so that the kernels keep their
+    /// sums in registers.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static void CombineScaleGroup(byte* scaleData, bool f32, long first, float* xScales, float* rebiasedXScales, float* target)
+    {
+        if (f32)
+        {
+            (Vector512.Load((float*)scaleData + first) * Vector512.Load(xScales)).Store(target);
+            return;
+        }
+        Vector512<uint> bits = Avx512F.ConvertToVector512UInt32(Vector256.Load((ushort*)scaleData + first));
+        if (rebiasedXScales != null && !Vector512.GreaterThanOrEqualAny(bits, Vector512.Create(0x7C00u)))
+            ((bits << 13).AsSingle() * Vector512.Load(rebiasedXScales)).Store(target);
+        else
+            (WidenSixteen(bits) * Vector512.Load(xScales)).Store(target);
+    }
+
+    /// <summary>
     /// Four q8 W rows by one token of int16 activations: per block, sign-extend 32 codes to int16, one vpmaddwd against
     /// x's codes (shared by the rows), convert, and one FMA by the combined scale. Even and odd blocks keep separate sums
-    /// (eight FMA chains hide the FMA latency).
+    /// (eight FMA chains hide the FMA latency). The combined scales are made 16 blocks at a time as the codes stream
+    /// (<see cref="CombineScaleGroup"/>, into <paramref name="groups"/>), the last partial group's before the sums start.
     /// </summary>
-    private static void DotQ8FourRowsInt16(byte* r0, byte* r1, byte* r2, byte* r3, int blocks, float* scales, int scaleStride, short* x, nint ahead, float* sums)
+    private static void DotQ8FourRowsInt16(QuantizedMatrix w, int r0, int r1, int r2, int r3, OneTokenActivations oneToken, nint ahead, float* groups, float* sums)
     {
-        sbyte* q0 = (sbyte*)r0, q1 = (sbyte*)r1, q2 = (sbyte*)r2, q3 = (sbyte*)r3;
-        float* c0 = scales, c1 = c0 + scaleStride, c2 = c1 + scaleStride, c3 = c2 + scaleStride;
+        int blocks = w.BlocksPerRow;
+        long rowBytes = (long)blocks * 32;
+        sbyte* q0 = (sbyte*)w.Blocks + r0 * rowBytes, q1 = (sbyte*)w.Blocks + r1 * rowBytes, q2 = (sbyte*)w.Blocks + r2 * rowBytes, q3 = (sbyte*)w.Blocks + r3 * rowBytes;
+        long f0 = (long)r0 * blocks, f1 = (long)r1 * blocks, f2 = (long)r2 * blocks, f3 = (long)r3 * blocks;
+        short* x = oneToken.Codes;
+        float* xScales = oneToken.Scales, rebiased = oneToken.RebiasedScales;
+        byte* scaleData = w.ScaleData;
+        bool f32 = w.ScaleType == DType.F32;
+        int full = blocks & ~(OneTokenScaleGroup - 1);
+        float* c0 = groups, c1 = c0 + OneTokenScaleGroup, c2 = c1 + OneTokenScaleGroup, c3 = c2 + OneTokenScaleGroup;
+        // The last partial group's scales first, while no sums are live across the calls.
+        float* t0 = groups + 4 * OneTokenScaleGroup, t1 = t0 + OneTokenScaleGroup, t2 = t1 + OneTokenScaleGroup, t3 = t2 + OneTokenScaleGroup;
+        if (full < blocks)
+        {
+            int n = blocks - full;
+            float* xr = rebiased == null ? null : rebiased + full;
+            CombineScales(w, f0 + full, n, n, xScales + full, xr, t0);
+            CombineScales(w, f1 + full, n, n, xScales + full, xr, t1);
+            CombineScales(w, f2 + full, n, n, xScales + full, xr, t2);
+            CombineScales(w, f3 + full, n, n, xScales + full, xr, t3);
+        }
         Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;
-        int b = 0;
+        for (int b0 = 0; b0 < full; b0 += OneTokenScaleGroup)
+        {
+            float* xs = xScales + b0;
+            float* xr = rebiased == null ? null : rebiased + b0;
+            CombineScaleGroup(scaleData, f32, f0 + b0, xs, xr, c0);
+            CombineScaleGroup(scaleData, f32, f1 + b0, xs, xr, c1);
+            CombineScaleGroup(scaleData, f32, f2 + b0, xs, xr, c2);
+            CombineScaleGroup(scaleData, f32, f3 + b0, xs, xr, c3);
+            for (int j = 0; j < OneTokenScaleGroup; j += 2)
+            {
+                int o = (b0 + j) * 32;
+                PrefetchFourRows((byte*)q0 + o, (byte*)q1 + o, (byte*)q2 + o, (byte*)q3 + o, ahead);
+                Vector512<short> x0 = Vector512.Load(x + o), x1 = Vector512.Load(x + o + 32);
+                a0 = Q8BlockInt16(q0 + o, x0, c0[j], a0); e0 = Q8BlockInt16(q0 + o + 32, x1, c0[j + 1], e0);
+                a1 = Q8BlockInt16(q1 + o, x0, c1[j], a1); e1 = Q8BlockInt16(q1 + o + 32, x1, c1[j + 1], e1);
+                a2 = Q8BlockInt16(q2 + o, x0, c2[j], a2); e2 = Q8BlockInt16(q2 + o + 32, x1, c2[j + 1], e2);
+                a3 = Q8BlockInt16(q3 + o, x0, c3[j], a3); e3 = Q8BlockInt16(q3 + o + 32, x1, c3[j + 1], e3);
+            }
+        }
+        int b = full;
         for (; b + 2 <= blocks; b += 2)
         {
-            int o = b * 32;
-            PrefetchFourRows(r0 + o, r1 + o, r2 + o, r3 + o, ahead);
+            int o = b * 32, j = b - full;
+            PrefetchFourRows((byte*)q0 + o, (byte*)q1 + o, (byte*)q2 + o, (byte*)q3 + o, ahead);
             Vector512<short> x0 = Vector512.Load(x + o), x1 = Vector512.Load(x + o + 32);
-            a0 = Q8BlockInt16(q0 + o, x0, c0[b], a0); e0 = Q8BlockInt16(q0 + o + 32, x1, c0[b + 1], e0);
-            a1 = Q8BlockInt16(q1 + o, x0, c1[b], a1); e1 = Q8BlockInt16(q1 + o + 32, x1, c1[b + 1], e1);
-            a2 = Q8BlockInt16(q2 + o, x0, c2[b], a2); e2 = Q8BlockInt16(q2 + o + 32, x1, c2[b + 1], e2);
-            a3 = Q8BlockInt16(q3 + o, x0, c3[b], a3); e3 = Q8BlockInt16(q3 + o + 32, x1, c3[b + 1], e3);
+            a0 = Q8BlockInt16(q0 + o, x0, t0[j], a0); e0 = Q8BlockInt16(q0 + o + 32, x1, t0[j + 1], e0);
+            a1 = Q8BlockInt16(q1 + o, x0, t1[j], a1); e1 = Q8BlockInt16(q1 + o + 32, x1, t1[j + 1], e1);
+            a2 = Q8BlockInt16(q2 + o, x0, t2[j], a2); e2 = Q8BlockInt16(q2 + o + 32, x1, t2[j + 1], e2);
+            a3 = Q8BlockInt16(q3 + o, x0, t3[j], a3); e3 = Q8BlockInt16(q3 + o + 32, x1, t3[j + 1], e3);
         }
         if (b < blocks)
         {
-            int o = b * 32;
+            int o = b * 32, j = b - full;
             Vector512<short> x0 = Vector512.Load(x + o);
-            a0 = Q8BlockInt16(q0 + o, x0, c0[b], a0);
-            a1 = Q8BlockInt16(q1 + o, x0, c1[b], a1);
-            a2 = Q8BlockInt16(q2 + o, x0, c2[b], a2);
-            a3 = Q8BlockInt16(q3 + o, x0, c3[b], a3);
+            a0 = Q8BlockInt16(q0 + o, x0, t0[j], a0);
+            a1 = Q8BlockInt16(q1 + o, x0, t1[j], a1);
+            a2 = Q8BlockInt16(q2 + o, x0, t2[j], a2);
+            a3 = Q8BlockInt16(q3 + o, x0, t3[j], a3);
         }
         sums[0] = Vector512.Sum(a0 + e0); sums[1] = Vector512.Sum(a1 + e1); sums[2] = Vector512.Sum(a2 + e2); sums[3] = Vector512.Sum(a3 + e3);
     }
@@ -572,35 +630,76 @@ public static unsafe class QuantMatMul
     /// right by 4s holds nibble s of byte 2i + s / 2 in its low bits (vpermw reads 5, the table is repeated), so 3 shifts
     /// feed 4 lookups of 32 int16 weights, each multiplied with x's codes (vpmaddwd, in the order
     /// <see cref="QuantizeOneToken"/> writes). Int32 lanes 0-7 hold bytes 0-31 (the first block), 8-15 the second, so a
-    /// pair's sum is converted once and scaled by a vector of both blocks' combined scales. An odd last block pairs with zeros.
+    /// pair's sum is converted once and scaled by a vector of both blocks' combined scales. An odd last block pairs with zeros. The
+    /// combined scales are made 16 blocks at a time, as in <see cref="DotQ8FourRowsInt16"/>.
     /// </summary>
-    private static void DotNf4FourRowsInt16(byte* q0, byte* q1, byte* q2, byte* q3, int blocks, float* scales, int scaleStride, short* x, nint ahead, float* sums)
+    private static void DotNf4FourRowsInt16(QuantizedMatrix w, int r0, int r1, int r2, int r3, OneTokenActivations oneToken, nint ahead, float* groups, float* sums)
     {
-        float* c0 = scales, c1 = c0 + scaleStride, c2 = c1 + scaleStride, c3 = c2 + scaleStride;
+        int blocks = w.BlocksPerRow;
+        long rowBytes = (long)blocks * 32;
+        byte* q0 = w.Blocks + r0 * rowBytes, q1 = w.Blocks + r1 * rowBytes, q2 = w.Blocks + r2 * rowBytes, q3 = w.Blocks + r3 * rowBytes;
+        long f0 = (long)r0 * blocks, f1 = (long)r1 * blocks, f2 = (long)r2 * blocks, f3 = (long)r3 * blocks;
+        short* x = oneToken.Codes;
+        float* xScales = oneToken.Scales, rebiased = oneToken.RebiasedScales;
+        byte* scaleData = w.ScaleData;
+        bool f32 = w.ScaleType == DType.F32;
+        int full = blocks & ~(OneTokenScaleGroup - 1);
+        float* c0 = groups, c1 = c0 + OneTokenScaleGroup, c2 = c1 + OneTokenScaleGroup, c3 = c2 + OneTokenScaleGroup;
+        // The last partial group's scales first (an odd count with its zero partner's), while no sums are live across the calls.
+        float* t0 = groups + 4 * OneTokenScaleGroup, t1 = t0 + OneTokenScaleGroup, t2 = t1 + OneTokenScaleGroup, t3 = t2 + OneTokenScaleGroup;
+        if (full < blocks)
+        {
+            int n = blocks - full, stride = (n + 1) & ~1;
+            float* xr = rebiased == null ? null : rebiased + full;
+            CombineScales(w, f0 + full, n, stride, xScales + full, xr, t0);
+            CombineScales(w, f1 + full, n, stride, xScales + full, xr, t1);
+            CombineScales(w, f2 + full, n, stride, xScales + full, xr, t2);
+            CombineScales(w, f3 + full, n, stride, xScales + full, xr, t3);
+        }
         Vector512<short> table = Nf4Int16Table;
         Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
-        int b = 0;
+        for (int b0 = 0; b0 < full; b0 += OneTokenScaleGroup)
+        {
+            float* xs = xScales + b0;
+            float* xr = rebiased == null ? null : rebiased + b0;
+            CombineScaleGroup(scaleData, f32, f0 + b0, xs, xr, c0);
+            CombineScaleGroup(scaleData, f32, f1 + b0, xs, xr, c1);
+            CombineScaleGroup(scaleData, f32, f2 + b0, xs, xr, c2);
+            CombineScaleGroup(scaleData, f32, f3 + b0, xs, xr, c3);
+            for (int j = 0; j < OneTokenScaleGroup; j += 2)
+            {
+                int o = (b0 + j) * 32;
+                PrefetchFourRows(q0 + o, q1 + o, q2 + o, q3 + o, ahead);
+                short* xp = x + (b0 + j) * 64;
+                Vector512<short> x0 = Vector512.Load(xp), x1 = Vector512.Load(xp + 32), x2 = Vector512.Load(xp + 64), x3 = Vector512.Load(xp + 96);
+                a0 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q0 + o)), x0, x1, x2, x3), PairScales(c0 + j), a0);
+                a1 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q1 + o)), x0, x1, x2, x3), PairScales(c1 + j), a1);
+                a2 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q2 + o)), x0, x1, x2, x3), PairScales(c2 + j), a2);
+                a3 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q3 + o)), x0, x1, x2, x3), PairScales(c3 + j), a3);
+            }
+        }
+        int b = full;
         for (; b + 2 <= blocks; b += 2)
         {
-            int o = b * 32;
+            int o = b * 32, j = b - full;
             PrefetchFourRows(q0 + o, q1 + o, q2 + o, q3 + o, ahead);
             short* xp = x + b * 64;
             Vector512<short> x0 = Vector512.Load(xp), x1 = Vector512.Load(xp + 32), x2 = Vector512.Load(xp + 64), x3 = Vector512.Load(xp + 96);
-            a0 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q0 + o)), x0, x1, x2, x3), PairScales(c0 + b), a0);
-            a1 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q1 + o)), x0, x1, x2, x3), PairScales(c1 + b), a1);
-            a2 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q2 + o)), x0, x1, x2, x3), PairScales(c2 + b), a2);
-            a3 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q3 + o)), x0, x1, x2, x3), PairScales(c3 + b), a3);
+            a0 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q0 + o)), x0, x1, x2, x3), PairScales(t0 + j), a0);
+            a1 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q1 + o)), x0, x1, x2, x3), PairScales(t1 + j), a1);
+            a2 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q2 + o)), x0, x1, x2, x3), PairScales(t2 + j), a2);
+            a3 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector512.Load((ushort*)(q3 + o)), x0, x1, x2, x3), PairScales(t3 + j), a3);
         }
         if (b < blocks)
         {
             // The last block's 32 bytes and 32 zero bytes (the zero partner's x codes and scale are zero).
-            int o = b * 32;
+            int o = b * 32, j = b - full;
             short* xp = x + b * 64;
             Vector512<short> x0 = Vector512.Load(xp), x1 = Vector512.Load(xp + 32), x2 = Vector512.Load(xp + 64), x3 = Vector512.Load(xp + 96);
-            a0 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q0 + o)).ToVector512(), x0, x1, x2, x3), PairScales(c0 + b), a0);
-            a1 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q1 + o)).ToVector512(), x0, x1, x2, x3), PairScales(c1 + b), a1);
-            a2 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q2 + o)).ToVector512(), x0, x1, x2, x3), PairScales(c2 + b), a2);
-            a3 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q3 + o)).ToVector512(), x0, x1, x2, x3), PairScales(c3 + b), a3);
+            a0 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q0 + o)).ToVector512(), x0, x1, x2, x3), PairScales(t0 + j), a0);
+            a1 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q1 + o)).ToVector512(), x0, x1, x2, x3), PairScales(t1 + j), a1);
+            a2 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q2 + o)).ToVector512(), x0, x1, x2, x3), PairScales(t2 + j), a2);
+            a3 = Vector512.FusedMultiplyAdd(Nf4PairInt16(table, Vector256.Load((ushort*)(q3 + o)).ToVector512(), x0, x1, x2, x3), PairScales(t3 + j), a3);
         }
         sums[0] = Vector512.Sum(a0); sums[1] = Vector512.Sum(a1); sums[2] = Vector512.Sum(a2); sums[3] = Vector512.Sum(a3);
     }

@@ -165,6 +165,53 @@ public sealed unsafe class OneTokenGemvTests
         }
     }
 
+    [Theory]
+    [InlineData(DType.F16, true)]
+    [InlineData(DType.F16, false)]
+    [InlineData(DType.F32, true)]
+    public void Scale_groups_are_the_whole_row_combination_bit_for_bit(DType scaleType, bool rebias)
+    {
+        if (!Supported)
+            return;
+        // The kernels combine 16 scales at a time just before their codes; they must give exactly what a whole-row pass
+        // gives, every fp16 pattern included (negative, subnormal, infinite and NaN scales take the exact widening).
+        const int rows = 64, blocks = 1024;
+        var q = QuantizedMatrix.Allocate(QuantFormat.Q8, rows, blocks * 32, scaleType);
+        var random = new Random(11);
+        for (int i = 0; i < rows * blocks; i++)
+        {
+            // fp16: the first half of the rows every bit pattern, the second only finite non-negative ones (the fast path).
+            if (scaleType == DType.F16)
+                ((ushort*)q.ScaleData)[i] = (ushort)(i < rows * blocks / 2 ? i * 40503 : i * 40503 % 0x7C00);
+            else
+                ((float*)q.ScaleData)[i] = (float)Math.Pow(2, random.Next(-30, 10)) * (random.NextSingle() - 0.25f);
+        }
+        var xScales = new float[blocks];
+        for (int b = 0; b < blocks; b++) xScales[b] = (float)Math.Pow(2, random.Next(-40, 15)) * (1f + random.NextSingle());
+        var rebiased = new float[blocks];
+        var whole = new float[blocks];
+        var group = new float[QuantMatMul.OneTokenScaleGroup];
+        fixed (float* xs = xScales)
+        fixed (float* rs = rebiased)
+        fixed (float* wholeRow = whole)
+        fixed (float* target = group)
+        {
+            Assert.True(QuantMatMul.RebiasScales(xs, blocks, rs));
+            float* xr = rebias ? rs : null;
+            for (int row = 0; row < rows; row++)
+            {
+                QuantMatMul.CombineScales(q, (long)row * blocks, blocks, blocks, xs, xr, wholeRow);
+                for (int b = 0; b < blocks; b += QuantMatMul.OneTokenScaleGroup)
+                {
+                    QuantMatMul.CombineScaleGroup(q.ScaleData, scaleType == DType.F32, (long)row * blocks + b, xs + b, xr == null ? null : xr + b, target);
+                    for (int i = 0; i < QuantMatMul.OneTokenScaleGroup; i++)
+                        Assert.True(BitConverter.SingleToUInt32Bits(whole[b + i]) == BitConverter.SingleToUInt32Bits(group[i]),
+                            $"row {row} block {b + i}: {group[i]}, whole row {whole[b + i]}");
+                }
+            }
+        }
+    }
+
     [Fact]
     public void Activation_scales_too_large_to_rebias_are_refused()
     {
