@@ -203,9 +203,8 @@ public sealed class GemmaDecoder
             var layer = _layers[li];
             var norms = _residentNorms[li];
             backend.RmsNorm(x, normed, rows, h, norms.Input.Span, eps, unitOffset: true);
-            layer.Q.Forward(backend, normed, rows, q, adapter);
-            layer.K.Forward(backend, normed, rows, k, adapter);
-            layer.V.Forward(backend, normed, rows, v, adapter);
+            // q, k and v read the same normed x: one call (a quantized token is coded once, one parallel batch).
+            Linear.ForwardSameInput(backend, normed, rows, [layer.Q, layer.K, layer.V], [q, k, v], adapter);
             backend.Rope(q, rows, heads, headDim, qWidth, positions, _config.RopeTheta);
             backend.Rope(k, rows, kvHeads, headDim, kvWidth, positions, _config.RopeTheta);
             for (int b = 0; b < batch; b++)
@@ -228,8 +227,7 @@ public sealed class GemmaDecoder
             backend.Add(x, normed, x);
 
             backend.RmsNorm(x, normed, rows, h, norms.FeedForwardInput.Span, eps, unitOffset: true);
-            layer.Gate.Forward(backend, normed, rows, gate, adapter);
-            layer.Up.Forward(backend, normed, rows, up, adapter);
+            Linear.ForwardSameInput(backend, normed, rows, [layer.Gate, layer.Up], [gate, up], adapter);
             backend.GeluTanhMul(gate, up, gate);
             layer.Down.Forward(backend, gate, rows, normed, adapter);
             if (norms.FeedForwardOutput is { } feedForwardOutputNorm)

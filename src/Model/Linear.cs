@@ -62,9 +62,48 @@ public sealed class Linear
     /// <summary>y = x·Wᵀ + b on the backend the layer is bound to, plus the low-rank term of <paramref name="adapter"/> when it adapts this layer.</summary>
     internal void Forward(IComputeBackend backend, DeviceSpan x, int rows, DeviceSpan y, LoraAdapter? adapter)
     {
-        var resident = _resident is { } r && ReferenceEquals(r.Backend, backend) ? r
+        backend.MatMul(x, rows, ResidentOn(backend), y);
+        AddAdapterDelta(backend, x, rows, y, adapter);
+    }
+
+    /// <summary>
+    /// outputs[i] = x·W_iᵀ + b_i for layers that read the same x (a decoder layer's q/k/v, its gate/up), as one
+    /// <see cref="IComputeBackend.MatMulSameInput"/>; then each layer's LoRA term. Bit-identical to one
+    /// <see cref="Forward(IComputeBackend, DeviceSpan, int, DeviceSpan, LoraAdapter?)"/> per layer: the products only
+    /// read x, and each adapter term only reads x and adds to its own output.
+    /// </summary>
+    internal static void ForwardSameInput(IComputeBackend backend, DeviceSpan x, int rows, ReadOnlySpan<Linear> layers, ReadOnlySpan<DeviceSpan> outputs, LoraAdapter? adapter)
+    {
+        if (layers.Length != outputs.Length)
+            throw new ArgumentException($"{layers.Length} layers but {outputs.Length} outputs", nameof(outputs));
+        if (layers.Length > SameInputGroup.Length)
+        {
+            for (int i = 0; i < layers.Length; i++)
+                layers[i].Forward(backend, x, rows, outputs[i], adapter);
+            return;
+        }
+        var group = new SameInputGroup();
+        Span<ResidentMatrix> weights = group;
+        for (int i = 0; i < layers.Length; i++)
+            weights[i] = layers[i].ResidentOn(backend);
+        backend.MatMulSameInput(x, rows, weights[..layers.Length], outputs);
+        for (int i = 0; i < layers.Length; i++)
+            layers[i].AddAdapterDelta(backend, x, rows, outputs[i], adapter);
+    }
+
+    [System.Runtime.CompilerServices.InlineArray(Length)]
+    private struct SameInputGroup
+    {
+        public const int Length = 4;
+        private ResidentMatrix _first;
+    }
+
+    private ResidentMatrix ResidentOn(IComputeBackend backend) =>
+        _resident is { } r && ReferenceEquals(r.Backend, backend) ? r
             : throw new InvalidOperationException($"'{Name}' is not resident on '{backend.Name}'");
-        backend.MatMul(x, rows, resident, y);
+
+    private void AddAdapterDelta(IComputeBackend backend, DeviceSpan x, int rows, DeviceSpan y, LoraAdapter? adapter)
+    {
         if (adapter is null || AdapterSlot < 0 || adapter.ModuleAt(AdapterSlot) is not { } module)
             return;
         if (!backend.IsHost)

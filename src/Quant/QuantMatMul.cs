@@ -3,6 +3,7 @@ using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 using PaliGemma.CpuOnly.Kernels;
+using PaliGemma.CpuOnly.Kernels.Backends;
 using PaliGemma.CpuOnly.Tensors;
 
 namespace PaliGemma.CpuOnly.Quant;
@@ -166,6 +167,120 @@ public static unsafe class QuantMatMul
         {
             if (rented != null) ArrayPool<float>.Shared.Return(rented);
         }
+    }
+
+    /// <summary>Most matrices one fused batch takes (the decoder's groups are 3 and 2); larger groups run in batches of this many.</summary>
+    private const int SameInputBatch = 4;
+
+    /// <summary>
+    /// One token by several q8 or nf4 matrices of one format and K (<see cref="IMatrixOperand.TryMultiplySameInputOnHost"/>):
+    /// x is coded to int16 once, and the work items of every matrix (each cut as its own call would cut it) run in one
+    /// <see cref="KernelThreading.For"/>, so the small matrices' rows join the big ones' threads and the group pays one
+    /// fork/join. Each row runs the same kernel on the same codes and scales as in <see cref="Multiply(ReadOnlySpan{float}, int, QuantizedMatrix, ReadOnlySpan{float}, Span{float}, float)"/>,
+    /// so the outputs are bit-identical to one call per matrix. False (nothing written): not one row on the int16
+    /// one-token path, or the weights are not all quantized in one format with one K.
+    /// </summary>
+    internal static bool TryMultiplySameInput(ReadOnlySpan<float> x, int rows, ReadOnlySpan<HostProduct> products, GemvPath path)
+    {
+        if (!UsesInt16Activations(rows, path) || products.IsEmpty || products[0].Weight is not QuantizedMatrix first)
+            return false;
+        foreach (var product in products)
+        {
+            if (product.Weight is not QuantizedMatrix w || w.Format != first.Format || w.Cols != first.Cols)
+                return false;
+        }
+        foreach (var product in products)
+        {
+            var w = (QuantizedMatrix)product.Weight;
+            MatMul.CheckOperands(x, 1, w.Rows, w.Cols, product.Bias.Span, product.Output.Span);
+        }
+
+        int k = first.Cols, blocks = first.BlocksPerRow;
+        int padded = blocks * first.Format.BlockSize();
+        // As Gemv: the coder reads whole blocks, so a K that is not a multiple of the block is copied into a zero-padded row.
+        float[]? rented = padded != k ? ArrayPool<float>.Shared.Rent(padded) : null;
+        try
+        {
+            if (rented != null)
+            {
+                Array.Clear(rented, 0, padded);
+                x[..k].CopyTo(rented);
+            }
+            ReadOnlySpan<float> xs = rented != null ? rented : x;
+            int codeCount = first.Format == QuantFormat.Nf4 ? (blocks + 1) / 2 * 128 : blocks * 32;
+            short[] xCodes = t_xCodes is { } codeBuffer && codeBuffer.Length >= codeCount ? codeBuffer : (t_xCodes = GC.AllocateUninitializedArray<short>(codeCount, pinned: true));
+            float[] xScales = t_xScales is { } scaleBuffer && scaleBuffer.Length >= 2 * blocks ? scaleBuffer : (t_xScales = GC.AllocateUninitializedArray<float>(2 * blocks, pinned: true));
+            fixed (float* xp = xs)
+            fixed (short* codes = xCodes)
+            fixed (float* scales = xScales)
+            {
+                QuantizeOneToken(first.Format, xp, blocks, codes, scales);
+                bool rebiased = RebiasScales(scales, blocks, scales + blocks);
+                var activations = new OneTokenActivations(codes, scales, rebiased ? scales + blocks : null);
+                for (int i = 0; i < products.Length; i += SameInputBatch)
+                    RunSameInputBatch(products.Slice(i, Math.Min(SameInputBatch, products.Length - i)), xp, padded, activations, path);
+            }
+        }
+        finally
+        {
+            if (rented != null) ArrayPool<float>.Shared.Return(rented);
+        }
+        return true;
+    }
+
+    /// <summary>Up to <see cref="SameInputBatch"/> matrices' one-token work items, in the given order, in one parallel batch.</summary>
+    private static void RunSameInputBatch(ReadOnlySpan<HostProduct> batch, float* x, int padded, OneTokenActivations activations, GemvPath path)
+    {
+        HostProduct p0 = batch[0], p1 = batch.Length > 1 ? batch[1] : default, p2 = batch.Length > 2 ? batch[2] : default, p3 = batch.Length > 3 ? batch[3] : default;
+        // An empty bias pins to null, which the kernels read as "no bias".
+        fixed (float* y0 = p0.Output.Span, y1 = p1.Output.Span, y2 = p2.Output.Span, y3 = p3.Output.Span)
+        fixed (float* b0 = p0.Bias.Span, b1 = p1.Bias.Span, b2 = p2.Bias.Span, b3 = p3.Bias.Span)
+        {
+            var job = new SameInputJob();
+            long weights = 0;
+            int items = 0;
+            for (int i = 0; i < batch.Length; i++)
+            {
+                var w = (QuantizedMatrix)batch[i].Weight;
+                int rowsPerItem = OneTokenRowsPerItem(w.Rows);
+                float* y = i switch { 0 => y0, 1 => y1, 2 => y2, _ => y3 };
+                float* bias = i switch { 0 => b0, 1 => b1, 2 => b2, _ => b3 };
+                job.Jobs[i] = new GemvJob(w, x, activations, padded, 1, rowsPerItem, bias, y, 0f, path);
+                items += (w.Rows + rowsPerItem - 1) / rowsPerItem;
+                job.ItemEnds[i] = items;
+                weights += (long)w.Rows * padded;
+            }
+            // The threshold of one call, on the whole group: small matrices beside a big one no longer run alone.
+            bool parallel = weights >= GemvParallelThreshold && KernelThreading.MaxThreads > 1 && items > 1;
+            KernelThreading.For(items, parallel, job);
+        }
+    }
+
+    /// <summary>The work items of several one-token GEMVs as one batch: item i runs in the matrix whose range holds it.</summary>
+    private struct SameInputJob : IWorkItems
+    {
+        public GemvJobs Jobs;
+        public ItemCounts ItemEnds;
+
+        public void Run(int item)
+        {
+            int j = 0;
+            while (item >= ItemEnds[j])
+                j++;
+            Jobs[j].Run(j == 0 ? item : item - ItemEnds[j - 1]);
+        }
+    }
+
+    [InlineArray(SameInputBatch)]
+    private struct GemvJobs
+    {
+        private GemvJob _first;
+    }
+
+    [InlineArray(SameInputBatch)]
+    private struct ItemCounts
+    {
+        private int _first;
     }
 
     // Per-thread fp32 copy of the scales of the W rows a GEMV step reads (fp16 widened; one token: times x's scales).

@@ -154,6 +154,14 @@ public sealed unsafe class QuantizedMatrix : IMatrixOperand
     public void MultiplyOnHost(ReadOnlySpan<float> x, int rows, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap) =>
         QuantMatMul.Multiply(x, rows, this, bias, y, outputSoftCap);
 
+    /// <summary>
+    /// One token by this matrix and the other q8/nf4 matrices of <paramref name="products"/> (same format and K): x coded
+    /// once, every matrix's rows in one parallel batch, bit-identical to one <see cref="MultiplyOnHost"/> each. False
+    /// where the products are not all such matrices or the call is not one token on the int16 one-token GEMV.
+    /// </summary>
+    public bool TryMultiplySameInputOnHost(ReadOnlySpan<float> x, int rows, ReadOnlySpan<HostProduct> products) =>
+        products.Length > 0 && ReferenceEquals(products[0].Weight, this) && QuantMatMul.TryMultiplySameInput(x, rows, products, QuantMatMul.BestGemvPath);
+
     /// <summary>Writes the Cols dequantized weights of <paramref name="row"/> into <paramref name="destination"/>.</summary>
     public void DequantizeRow(int row, Span<float> destination)
     {

@@ -12,6 +12,10 @@ namespace PaliGemma.Cli;
 internal sealed class ProfilingBackend(IComputeBackend inner) : IComputeBackend
 {
     private readonly Dictionary<(int Rows, int Cols), OperationStats> _matrixStats = [];
+    // Same-input groups (MatMulSameInput), by K and the N of each member (unused members 0), named "fused N0+N1+...xK".
+    private readonly Dictionary<(int Cols, int N0, int N1, int N2, int N3), OperationStats> _fusedStats = [];
+    // The inner backend's matrices of the group being run (reused: a timed call allocates nothing).
+    private readonly ResidentMatrix[] _fusedInner = new ResidentMatrix[4];
     private readonly OperationStats[] _stats = Enum.GetValues<Operation>().Select(op => new OperationStats(Describe(op), 0)).ToArray();
 
     public enum Operation { Write, Read, Copy, Add, Scale, GeluTanh, GeluTanhMul, RmsNorm, LayerNorm, Rope, Attention }
@@ -21,18 +25,20 @@ internal sealed class ProfilingBackend(IComputeBackend inner) : IComputeBackend
     public string Name => inner.Name;
     public bool IsHost => inner.IsHost;
 
-    /// <summary>Every kind of operation seen while recording, matrix products first.</summary>
+    /// <summary>Every kind of operation seen while recording, matrix products (single and fused) first.</summary>
     public IEnumerable<OperationStats> Stats =>
-        _matrixStats.Values.OrderByDescending(s => s.Ticks).Concat(_stats).Where(s => s.Calls > 0);
+        MatrixStats.OrderByDescending(s => s.Ticks).Concat(_stats).Where(s => s.Calls > 0);
+
+    private IEnumerable<OperationStats> MatrixStats => _matrixStats.Values.Concat(_fusedStats.Values);
 
     /// <summary>Calls and ticks of every kind of operation so far, by name (two snapshots bracket one phase).</summary>
     public Dictionary<string, (long Calls, long Ticks)> Snapshot() =>
-        _matrixStats.Values.Concat(_stats).ToDictionary(s => s.Name, s => (s.Calls, s.Ticks));
+        MatrixStats.Concat(_stats).ToDictionary(s => s.Name, s => (s.Calls, s.Ticks));
 
     /// <summary>Puts every running total back to <paramref name="snapshot"/>'s (what was recorded since is dropped).</summary>
     public void Restore(Dictionary<string, (long Calls, long Ticks)> snapshot)
     {
-        foreach (var s in _matrixStats.Values.Concat(_stats))
+        foreach (var s in MatrixStats.Concat(_stats))
         {
             var (calls, ticks) = snapshot.GetValueOrDefault(s.Name);
             s.Set(calls, ticks);
@@ -41,7 +47,7 @@ internal sealed class ProfilingBackend(IComputeBackend inner) : IComputeBackend
 
     public void Reset()
     {
-        foreach (var s in _matrixStats.Values.Concat(_stats)) s.Reset();
+        foreach (var s in MatrixStats.Concat(_stats)) s.Reset();
     }
 
     public DeviceBuffer Allocate(long length) => inner.Allocate(length);
@@ -74,6 +80,45 @@ internal sealed class ProfilingBackend(IComputeBackend inner) : IComputeBackend
         long start = Stopwatch.GetTimestamp();
         inner.MatMul(x, rows, profiled.Inner, y, outputSoftCap);
         Record(profiled.Stats, start);
+    }
+
+    /// <summary>
+    /// Times the whole group as one operation, "fused N0+N1+...xK" (its bytes: all members' weights), so the profile
+    /// shows what the fused call costs rather than its members' shares.
+    /// </summary>
+    public void MatMulSameInput(DeviceSpan x, int rows, ReadOnlySpan<ResidentMatrix> weights, ReadOnlySpan<DeviceSpan> outputs)
+    {
+        SameInputProducts.Check(rows, weights, outputs);
+        if (weights.Length is 0 || weights.Length > _fusedInner.Length)
+        {
+            for (int i = 0; i < weights.Length; i++)
+                MatMul(x, rows, weights[i], outputs[i]);
+            return;
+        }
+        for (int i = 0; i < weights.Length; i++)
+            _fusedInner[i] = (weights[i] as ProfiledMatrix ?? throw new ArgumentException($"weight {i} was made resident on '{weights[i].Backend.Name}', not on the profiler", nameof(weights))).Inner;
+        var stats = FusedStats(weights);
+        long start = Stopwatch.GetTimestamp();
+        inner.MatMulSameInput(x, rows, _fusedInner.AsSpan(0, weights.Length), outputs);
+        Record(stats, start);
+    }
+
+    private OperationStats FusedStats(ReadOnlySpan<ResidentMatrix> weights)
+    {
+        int n = weights.Length;
+        var key = (weights[0].Cols, weights[0].Rows, n > 1 ? weights[1].Rows : 0, n > 2 ? weights[2].Rows : 0, n > 3 ? weights[3].Rows : 0);
+        if (!_fusedStats.TryGetValue(key, out var stats))
+        {
+            long bytes = 0;
+            var rows = new string[weights.Length];
+            for (int i = 0; i < weights.Length; i++)
+            {
+                bytes += weights[i].Source.StreamedBytes;
+                rows[i] = weights[i].Rows.ToString(System.Globalization.CultureInfo.InvariantCulture);
+            }
+            _fusedStats[key] = stats = new OperationStats($"fused {string.Join('+', rows)}x{weights[0].Cols}", bytes);
+        }
+        return stats;
     }
 
     public void Copy(DeviceSpan source, DeviceSpan destination)

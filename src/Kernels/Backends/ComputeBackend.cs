@@ -37,6 +37,19 @@ public interface IComputeBackend
     /// <summary>y[rows, N] = x[rows, K]·Wᵀ + b; with <paramref name="outputSoftCap"/> &gt; 0, y = cap·tanh(y / cap).</summary>
     void MatMul(DeviceSpan x, int rows, ResidentMatrix weight, DeviceSpan y, float outputSoftCap = 0f);
 
+    /// <summary>
+    /// outputs[i][rows, N_i] = x[rows, K]·W_iᵀ + b_i for every weight (all of the same K): several products of one input,
+    /// such as a layer's query, key and value projections. The results are those of one <see cref="MatMul"/> per weight,
+    /// bit for bit; a backend may run them together (the CPU backend codes a quantized token once and runs every
+    /// matrix's rows in one parallel batch). The default issues one <see cref="MatMul"/> per weight.
+    /// </summary>
+    void MatMulSameInput(DeviceSpan x, int rows, ReadOnlySpan<ResidentMatrix> weights, ReadOnlySpan<DeviceSpan> outputs)
+    {
+        SameInputProducts.Check(rows, weights, outputs);
+        for (int i = 0; i < weights.Length; i++)
+            MatMul(x, rows, weights[i], outputs[i]);
+    }
+
     void Copy(DeviceSpan source, DeviceSpan destination);
 
     /// <summary>destination = a + b, elementwise (destination may be a or b).</summary>

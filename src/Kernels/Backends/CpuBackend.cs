@@ -35,9 +35,48 @@ public sealed class CpuBackend : IComputeBackend
 
     public void MatMul(DeviceSpan x, int rows, ResidentMatrix weight, DeviceSpan y, float outputSoftCap = 0f)
     {
-        var host = weight as HostMatrix ?? throw new ArgumentException($"the weight was made resident on '{weight.Backend.Name}', not on the CPU", nameof(weight));
+        var host = AsHost(weight);
         host.Source.MultiplyOnHost(Host(x), rows, host.Bias, Host(y), outputSoftCap);
     }
+
+    /// <summary>
+    /// Hands the group to the first weight's <see cref="IMatrixOperand.TryMultiplySameInputOnHost"/> (quantized weights
+    /// code a token once and share one parallel batch); where it declines, one <see cref="MatMul"/> per weight.
+    /// </summary>
+    public void MatMulSameInput(DeviceSpan x, int rows, ReadOnlySpan<ResidentMatrix> weights, ReadOnlySpan<DeviceSpan> outputs)
+    {
+        SameInputProducts.Check(rows, weights, outputs);
+        if (weights.Length is >= 2 and <= MaxFusedProducts)
+        {
+            var buffer = new ProductBuffer();
+            Span<HostProduct> products = buffer;
+            for (int i = 0; i < weights.Length; i++)
+            {
+                var host = AsHost(weights[i]);
+                var output = outputs[i].Buffer is HostBuffer target && ReferenceEquals(target.Backend, this)
+                    ? target.Array.AsMemory((int)outputs[i].Offset, (int)outputs[i].Length)
+                    : throw new ArgumentException($"output {i} belongs to '{outputs[i].Buffer.Backend.Name}', not to the CPU backend", nameof(outputs));
+                products[i] = new HostProduct(host.Source, host.Bias, output);
+            }
+            if (products[0].Weight.TryMultiplySameInputOnHost(Host(x), rows, products[..weights.Length]))
+                return;
+        }
+        for (int i = 0; i < weights.Length; i++)
+            MatMul(x, rows, weights[i], outputs[i]);
+    }
+
+    // Most products one fused call takes (the decoder passes 3 and 2); larger groups run one MatMul each.
+    private const int MaxFusedProducts = 8;
+
+    [System.Runtime.CompilerServices.InlineArray(MaxFusedProducts)]
+    private struct ProductBuffer
+    {
+        private HostProduct _first;
+    }
+
+    private HostMatrix AsHost(ResidentMatrix weight) =>
+        weight as HostMatrix is { } host && ReferenceEquals(host.Backend, this) ? host
+            : throw new ArgumentException($"the weight was made resident on '{weight.Backend.Name}', not on the CPU", nameof(weight));
 
     public void Copy(DeviceSpan source, DeviceSpan destination)
     {

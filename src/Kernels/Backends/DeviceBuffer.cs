@@ -84,6 +84,14 @@ public interface IMatrixOperand
     IReadOnlyList<MemoryRegion> StreamedRegions { get; }
     /// <summary>y[rows, N] = x·Wᵀ + bias (then cap·tanh(y/cap) when <paramref name="outputSoftCap"/> &gt; 0), on the host.</summary>
     void MultiplyOnHost(ReadOnlySpan<float> x, int rows, ReadOnlySpan<float> bias, Span<float> y, float outputSoftCap);
+
+    /// <summary>
+    /// Runs every product of <paramref name="products"/> (this operand is the first one's weight; all share K) on the one
+    /// input x[rows, K] in one pass when this operand's kernels can, with results bit-identical to one
+    /// <see cref="MultiplyOnHost"/> per product, and returns true; returns false, having written nothing, when they cannot
+    /// (another storage among the weights, a row count they do not fuse). The default: false.
+    /// </summary>
+    bool TryMultiplySameInputOnHost(ReadOnlySpan<float> x, int rows, ReadOnlySpan<HostProduct> products) => false;
 }
 
 /// <summary>A weight (and bias) made resident on a backend by <see cref="IComputeBackend.Upload"/>.</summary>

@@ -130,7 +130,11 @@ public sealed class BenchTests
         var operations = profile.GetProperty("operations").EnumerateArray().ToList();
         double CallsPerToken(Func<string, bool> match) =>
             operations.Where(o => match(o.GetProperty("name").GetString()!)).Sum(o => o.GetProperty("calls_per_token").GetDouble());
-        Assert.Equal(7 * t.NumHiddenLayers, CallsPerToken(n => n.StartsWith("matmul ", StringComparison.Ordinal)));
+        // Per layer: o and down alone; q+k+v and gate+up each timed as one same-input group.
+        Assert.Equal(2 * t.NumHiddenLayers, CallsPerToken(n => n.StartsWith("matmul ", StringComparison.Ordinal)));
+        int q = t.NumAttentionHeads * t.HeadDim, kv = t.NumKeyValueHeads * t.HeadDim;
+        Assert.Equal(t.NumHiddenLayers, CallsPerToken(n => n == $"fused {q}+{kv}+{kv}x{t.HiddenSize}"));
+        Assert.Equal(t.NumHiddenLayers, CallsPerToken(n => n == $"fused {t.IntermediateSize}+{t.IntermediateSize}x{t.HiddenSize}"));
         Assert.Equal(t.NumHiddenLayers, CallsPerToken(n => n == "attention"));
         Assert.All(operations, o => Assert.True(o.GetProperty("s_per_token").GetDouble() >= 0));
         Assert.Equal(2L * t.VocabSize * t.HiddenSize, profile.GetProperty("lm_head_bytes").GetDouble());
