@@ -129,33 +129,13 @@ public static unsafe class QuantMatMul
                     x.Slice(m * k, k).CopyTo(rented.AsSpan(m * padded, k));
             }
             ReadOnlySpan<float> xs = rented != null ? rented : x;
-            // One token on AVX-512: x once as int16 codes with one scale per W block (QuantizeOneToken), the scales also
-            // times 2^112 where that fits (CombineScales).
-            int blocks = w.BlocksPerRow;
-            short[]? xCodes = null;
-            float[]? xScales = null;
-            bool rebiased = false;
-            if (UsesInt16Activations(rows, path))
-            {
-                int codeCount = w.Format == QuantFormat.Nf4 ? (blocks + 1) / 2 * 128 : blocks * 32;
-                xCodes = t_xCodes is { } codeBuffer && codeBuffer.Length >= codeCount ? codeBuffer : (t_xCodes = GC.AllocateUninitializedArray<short>(codeCount, pinned: true));
-                xScales = t_xScales is { } scaleBuffer && scaleBuffer.Length >= 2 * blocks ? scaleBuffer : (t_xScales = GC.AllocateUninitializedArray<float>(2 * blocks, pinned: true));
-                fixed (float* source = xs)
-                fixed (short* codes = xCodes)
-                fixed (float* scales = xScales)
-                {
-                    QuantizeOneToken(w.Format, source, blocks, codes, scales);
-                    rebiased = RebiasScales(scales, blocks, scales + blocks);
-                }
-            }
             fixed (float* xp = xs)
-            fixed (short* xq = xCodes)
-            fixed (float* xsp = xScales)
             fixed (float* bp = bias)
             fixed (float* yp = y)
             {
+                // One token on AVX-512: x once as int16 codes (CodeOneToken).
+                var activations = UsesInt16Activations(rows, path) ? CodeOneToken(w.Format, xp, w.BlocksPerRow) : default;
                 int rowsPerItem = rows == 1 ? OneTokenRowsPerItem(w.Rows) : GemvRowsPerItem;
-                var activations = new OneTokenActivations(xq, xsp, rebiased ? xsp + blocks : null);
                 var job = new GemvJob(w, xp, activations, padded, rows, rowsPerItem, bias.IsEmpty ? null : bp, yp, softCap, path);
                 int items = (w.Rows + rowsPerItem - 1) / rowsPerItem;
                 bool parallel = (long)w.Rows * padded >= GemvParallelThreshold && KernelThreading.MaxThreads > 1 && items > 1;
@@ -207,16 +187,9 @@ public static unsafe class QuantMatMul
                 x[..k].CopyTo(rented);
             }
             ReadOnlySpan<float> xs = rented != null ? rented : x;
-            int codeCount = first.Format == QuantFormat.Nf4 ? (blocks + 1) / 2 * 128 : blocks * 32;
-            short[] xCodes = t_xCodes is { } codeBuffer && codeBuffer.Length >= codeCount ? codeBuffer : (t_xCodes = GC.AllocateUninitializedArray<short>(codeCount, pinned: true));
-            float[] xScales = t_xScales is { } scaleBuffer && scaleBuffer.Length >= 2 * blocks ? scaleBuffer : (t_xScales = GC.AllocateUninitializedArray<float>(2 * blocks, pinned: true));
             fixed (float* xp = xs)
-            fixed (short* codes = xCodes)
-            fixed (float* scales = xScales)
             {
-                QuantizeOneToken(first.Format, xp, blocks, codes, scales);
-                bool rebiased = RebiasScales(scales, blocks, scales + blocks);
-                var activations = new OneTokenActivations(codes, scales, rebiased ? scales + blocks : null);
+                var activations = CodeOneToken(first.Format, xp, blocks);
                 for (int i = 0; i < products.Length; i += SameInputBatch)
                     RunSameInputBatch(products.Slice(i, Math.Min(SameInputBatch, products.Length - i)), xp, padded, activations, path);
             }
@@ -289,6 +262,23 @@ public static unsafe class QuantMatMul
     // The calling thread's int16 codes and block scales of x for the one-token kernels (pinned, reused: no allocation per token).
     [ThreadStatic] private static short[]? t_xCodes;
     [ThreadStatic] private static float[]? t_xScales;
+
+    /// <summary>
+    /// One token's x (padded to whole W blocks) as int16 codes with one scale per W block (<see cref="QuantizeOneToken"/>),
+    /// and those scales times 2^112 where that fits (<see cref="CombineScales"/>), in the calling thread's pinned buffers:
+    /// valid until its next one-token call.
+    /// </summary>
+    private static OneTokenActivations CodeOneToken(QuantFormat format, float* x, int blocks)
+    {
+        int codeCount = format == QuantFormat.Nf4 ? (blocks + 1) / 2 * 128 : blocks * 32;
+        short[] xCodes = t_xCodes is { } codeBuffer && codeBuffer.Length >= codeCount ? codeBuffer : (t_xCodes = GC.AllocateUninitializedArray<short>(codeCount, pinned: true));
+        float[] xScales = t_xScales is { } scaleBuffer && scaleBuffer.Length >= 2 * blocks ? scaleBuffer : (t_xScales = GC.AllocateUninitializedArray<float>(2 * blocks, pinned: true));
+        short* codes = (short*)Unsafe.AsPointer(ref xCodes[0]);
+        float* scales = (float*)Unsafe.AsPointer(ref xScales[0]);
+        QuantizeOneToken(format, x, blocks, codes, scales);
+        bool rebiased = RebiasScales(scales, blocks, scales + blocks);
+        return new OneTokenActivations(codes, scales, rebiased ? scales + blocks : null);
+    }
 
     /// <summary>Whether a GEMV of <paramref name="rows"/> x rows on <paramref name="path"/> codes x to int16 (one token on AVX-512).</summary>
     internal static bool UsesInt16Activations(int rows, GemvPath path) => rows == 1 && path == GemvPath.Vector512;
