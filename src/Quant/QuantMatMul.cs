@@ -642,6 +642,36 @@ public static unsafe class QuantMatMul
     }
 
     /// <summary>
+    /// Rows f0..f3's (their first block's scale index) combined scales of the group of 16 blocks from block b0, the four
+    /// groups side by side from <paramref name="target"/>; inline, so that the kernels keep their sums in registers.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CombineFourRowGroups(byte* scaleData, bool f32, long f0, long f1, long f2, long f3, int b0, OneTokenActivations x, float* target)
+    {
+        float* xs = x.Scales + b0;
+        float* xr = x.RebiasedScales == null ? null : x.RebiasedScales + b0;
+        CombineScaleGroup(scaleData, f32, f0 + b0, xs, xr, target);
+        CombineScaleGroup(scaleData, f32, f1 + b0, xs, xr, target + OneTokenScaleGroup);
+        CombineScaleGroup(scaleData, f32, f2 + b0, xs, xr, target + 2 * OneTokenScaleGroup);
+        CombineScaleGroup(scaleData, f32, f3 + b0, xs, xr, target + 3 * OneTokenScaleGroup);
+    }
+
+    /// <summary>
+    /// The four rows' combined scales of the last partial group (blocks <paramref name="full"/> on), made before the
+    /// kernels' sums start, zero-filled to <paramref name="stride"/> (nf4: an odd count's zero partner), 16 floats apart.
+    /// </summary>
+    private static void CombineFourRowTails(QuantizedMatrix w, long f0, long f1, long f2, long f3, int full, int stride, OneTokenActivations x, float* target)
+    {
+        int n = w.BlocksPerRow - full;
+        float* xs = x.Scales + full;
+        float* xr = x.RebiasedScales == null ? null : x.RebiasedScales + full;
+        CombineScales(w, f0 + full, n, stride, xs, xr, target);
+        CombineScales(w, f1 + full, n, stride, xs, xr, target + OneTokenScaleGroup);
+        CombineScales(w, f2 + full, n, stride, xs, xr, target + 2 * OneTokenScaleGroup);
+        CombineScales(w, f3 + full, n, stride, xs, xr, target + 3 * OneTokenScaleGroup);
+    }
+
+    /// <summary>
     /// Four q8 W rows by one token of int16 activations: per block, sign-extend 32 codes to int16, one vpmaddwd against
     /// x's codes (shared by the rows), convert, and one FMA by the combined scale. Even and odd blocks keep separate sums
     /// (eight FMA chains hide the FMA latency). The combined scales are made 16 blocks at a time as the codes stream
@@ -654,7 +684,6 @@ public static unsafe class QuantMatMul
         sbyte* q0 = (sbyte*)w.Blocks + r0 * rowBytes, q1 = (sbyte*)w.Blocks + r1 * rowBytes, q2 = (sbyte*)w.Blocks + r2 * rowBytes, q3 = (sbyte*)w.Blocks + r3 * rowBytes;
         long f0 = (long)r0 * blocks, f1 = (long)r1 * blocks, f2 = (long)r2 * blocks, f3 = (long)r3 * blocks;
         short* x = oneToken.Codes;
-        float* xScales = oneToken.Scales, rebiased = oneToken.RebiasedScales;
         byte* scaleData = w.ScaleData;
         bool f32 = w.ScaleType == DType.F32;
         int full = blocks & ~(OneTokenScaleGroup - 1);
@@ -662,23 +691,11 @@ public static unsafe class QuantMatMul
         // The last partial group's scales first, while no sums are live across the calls.
         float* t0 = groups + 4 * OneTokenScaleGroup, t1 = t0 + OneTokenScaleGroup, t2 = t1 + OneTokenScaleGroup, t3 = t2 + OneTokenScaleGroup;
         if (full < blocks)
-        {
-            int n = blocks - full;
-            float* xr = rebiased == null ? null : rebiased + full;
-            CombineScales(w, f0 + full, n, n, xScales + full, xr, t0);
-            CombineScales(w, f1 + full, n, n, xScales + full, xr, t1);
-            CombineScales(w, f2 + full, n, n, xScales + full, xr, t2);
-            CombineScales(w, f3 + full, n, n, xScales + full, xr, t3);
-        }
+            CombineFourRowTails(w, f0, f1, f2, f3, full, blocks - full, oneToken, t0);
         Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;
         for (int b0 = 0; b0 < full; b0 += OneTokenScaleGroup)
         {
-            float* xs = xScales + b0;
-            float* xr = rebiased == null ? null : rebiased + b0;
-            CombineScaleGroup(scaleData, f32, f0 + b0, xs, xr, c0);
-            CombineScaleGroup(scaleData, f32, f1 + b0, xs, xr, c1);
-            CombineScaleGroup(scaleData, f32, f2 + b0, xs, xr, c2);
-            CombineScaleGroup(scaleData, f32, f3 + b0, xs, xr, c3);
+            CombineFourRowGroups(scaleData, f32, f0, f1, f2, f3, b0, oneToken, c0);
             for (int j = 0; j < OneTokenScaleGroup; j += 2)
             {
                 int o = (b0 + j) * 32;
@@ -745,7 +762,6 @@ public static unsafe class QuantMatMul
         byte* q0 = w.Blocks + r0 * rowBytes, q1 = w.Blocks + r1 * rowBytes, q2 = w.Blocks + r2 * rowBytes, q3 = w.Blocks + r3 * rowBytes;
         long f0 = (long)r0 * blocks, f1 = (long)r1 * blocks, f2 = (long)r2 * blocks, f3 = (long)r3 * blocks;
         short* x = oneToken.Codes;
-        float* xScales = oneToken.Scales, rebiased = oneToken.RebiasedScales;
         byte* scaleData = w.ScaleData;
         bool f32 = w.ScaleType == DType.F32;
         int full = blocks & ~(OneTokenScaleGroup - 1);
@@ -753,24 +769,12 @@ public static unsafe class QuantMatMul
         // The last partial group's scales first (an odd count with its zero partner's), while no sums are live across the calls.
         float* t0 = groups + 4 * OneTokenScaleGroup, t1 = t0 + OneTokenScaleGroup, t2 = t1 + OneTokenScaleGroup, t3 = t2 + OneTokenScaleGroup;
         if (full < blocks)
-        {
-            int n = blocks - full, stride = (n + 1) & ~1;
-            float* xr = rebiased == null ? null : rebiased + full;
-            CombineScales(w, f0 + full, n, stride, xScales + full, xr, t0);
-            CombineScales(w, f1 + full, n, stride, xScales + full, xr, t1);
-            CombineScales(w, f2 + full, n, stride, xScales + full, xr, t2);
-            CombineScales(w, f3 + full, n, stride, xScales + full, xr, t3);
-        }
+            CombineFourRowTails(w, f0, f1, f2, f3, full, (blocks - full + 1) & ~1, oneToken, t0);
         Vector512<short> table = Nf4Int16Table;
         Vector512<float> a0 = Vector512<float>.Zero, a1 = a0, a2 = a0, a3 = a0;
         for (int b0 = 0; b0 < full; b0 += OneTokenScaleGroup)
         {
-            float* xs = xScales + b0;
-            float* xr = rebiased == null ? null : rebiased + b0;
-            CombineScaleGroup(scaleData, f32, f0 + b0, xs, xr, c0);
-            CombineScaleGroup(scaleData, f32, f1 + b0, xs, xr, c1);
-            CombineScaleGroup(scaleData, f32, f2 + b0, xs, xr, c2);
-            CombineScaleGroup(scaleData, f32, f3 + b0, xs, xr, c3);
+            CombineFourRowGroups(scaleData, f32, f0, f1, f2, f3, b0, oneToken, c0);
             for (int j = 0; j < OneTokenScaleGroup; j += 2)
             {
                 int o = (b0 + j) * 32;
