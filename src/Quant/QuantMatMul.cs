@@ -256,8 +256,8 @@ public static unsafe class QuantMatMul
         private int _first;
     }
 
-    // Per-thread fp32 copy of the scales of the W rows a GEMV step reads (fp16 widened; one token: times x's scales).
-    // Pinned: the kernels take its address.
+    // Per-thread fp32 copy of one W row's scales for the GEMV of 2-4 x rows or without AVX-512 (fp16 widened; the
+    // one-token kernels combine theirs on the stack). Pinned: the kernels take its address.
     [ThreadStatic] private static float[]? t_scales;
     // The calling thread's int16 codes and block scales of x for the one-token kernels (pinned, reused: no allocation per token).
     [ThreadStatic] private static short[]? t_xCodes;
@@ -265,7 +265,7 @@ public static unsafe class QuantMatMul
 
     /// <summary>
     /// One token's x (padded to whole W blocks) as int16 codes with one scale per W block (<see cref="QuantizeOneToken"/>),
-    /// and those scales times 2^112 where that fits (<see cref="CombineScales"/>), in the calling thread's pinned buffers:
+    /// and those scales times 2^112 where that fits (see <see cref="CombineScaleGroup"/>), in the calling thread's pinned buffers:
     /// valid until its next one-token call.
     /// </summary>
     private static OneTokenActivations CodeOneToken(QuantFormat format, float* x, int blocks)
@@ -570,45 +570,22 @@ public static unsafe class QuantMatMul
 
     /// <summary>
     /// <paramref name="blocks"/> W block scales from index <paramref name="first"/> times x's, then zeros up to
-    /// <paramref name="stride"/> (past an odd nf4 block count: the scale of the kernel's zero partner block). fp16 scales: a half's bits shifted left by 13 are
-    /// the fp32 bits of its value times 2^-112 (subnormal halves included), so where x's scales times 2^112 are given
-    /// (<paramref name="rebiasedXScales"/>, null where that would overflow) 16 scales take a widening load, a shift and a
-    /// multiply, and come out exactly as widening then multiplying would give them. A vector holding a negative scale,
-    /// an infinity or a NaN (never written by <see cref="Quantizer"/>) takes the exact widening.
+    /// <paramref name="stride"/> (past an odd nf4 block count: the scale of the kernel's zero partner block): whole groups
+    /// of 16 as the kernels make them (<see cref="CombineScaleGroup"/>), the rest widened (<see cref="WidenHalves"/>) and
+    /// multiplied. Every product is exactly the fp32 product of the widened W scale and x's.
     /// </summary>
     internal static void CombineScales(QuantizedMatrix w, long first, int blocks, int stride, float* xScales, float* rebiasedXScales, float* target)
     {
+        bool f32 = w.ScaleType == DType.F32;
         int b = 0;
-        if (w.ScaleType == DType.F32)
-        {
-            float* source = (float*)w.ScaleData + first;
-            for (; b + 16 <= blocks; b += 16)
-                (Vector512.Load(source + b) * Vector512.Load(xScales + b)).Store(target + b);
-            for (; b < blocks; b++)
-                target[b] = source[b] * xScales[b];
-        }
+        for (; b + OneTokenScaleGroup <= blocks; b += OneTokenScaleGroup)
+            CombineScaleGroup(w.ScaleData, f32, first + b, xScales + b, rebiasedXScales == null ? null : rebiasedXScales + b, target + b);
+        if (f32)
+            new ReadOnlySpan<float>((float*)w.ScaleData + first + b, blocks - b).CopyTo(new Span<float>(target + b, blocks - b));
         else
-        {
-            ushort* source = (ushort*)w.ScaleData + first;
-            if (rebiasedXScales != null)
-            {
-                for (; b + 16 <= blocks; b += 16)
-                {
-                    Vector512<uint> bits = Avx512F.ConvertToVector512UInt32(Vector256.Load(source + b));
-                    if (Vector512.GreaterThanOrEqualAny(bits, Vector512.Create(0x7C00u)))
-                        break;
-                    ((bits << 13).AsSingle() * Vector512.Load(rebiasedXScales + b)).Store(target + b);
-                }
-            }
-            if (b < blocks)
-            {
-                WidenHalves(source + b, target + b, blocks - b);
-                for (; b + 16 <= blocks; b += 16)
-                    (Vector512.Load(target + b) * Vector512.Load(xScales + b)).Store(target + b);
-                for (; b < blocks; b++)
-                    target[b] *= xScales[b];
-            }
-        }
+            WidenHalves((ushort*)w.ScaleData + first + b, target + b, blocks - b);
+        for (; b < blocks; b++)
+            target[b] *= xScales[b];
         for (; b < stride; b++)
             target[b] = 0f;
     }
@@ -621,10 +598,12 @@ public static unsafe class QuantMatMul
     internal const int OneTokenScaleGroup = 16;
 
     /// <summary>
-    /// <see cref="OneTokenScaleGroup"/> combined scales of one W row from block <paramref name="first"/>, bit for bit as
-    /// <see cref="CombineScales"/> gives them (a vector holding a negative scale, an infinity or a NaN, or x's scales
-    /// without their rebiased copy, takes the exact widening); inline and without calls, so that the kernels keep their
-    /// sums in registers.
+    /// <see cref="OneTokenScaleGroup"/> W block scales from index <paramref name="first"/> times x's, exactly as widening
+    /// then multiplying gives them. fp16 scales: a half's bits shifted left by 13 are the fp32 bits of its value times
+    /// 2^-112 (subnormal halves included), so where x's scales times 2^112 are given (<paramref name="rebiasedXScales"/>,
+    /// null where that would overflow) the group takes a widening load, a shift and a multiply; a group holding a negative
+    /// scale, an infinity or a NaN (never written by <see cref="Quantizer"/>) takes the exact widening. Inline and without
+    /// calls, so that the kernels keep their sums in registers.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     internal static void CombineScaleGroup(byte* scaleData, bool f32, long first, float* xScales, float* rebiasedXScales, float* target)

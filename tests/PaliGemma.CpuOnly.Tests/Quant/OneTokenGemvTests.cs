@@ -169,12 +169,13 @@ public sealed unsafe class OneTokenGemvTests
     [InlineData(DType.F16, true)]
     [InlineData(DType.F16, false)]
     [InlineData(DType.F32, true)]
-    public void Scale_groups_are_the_whole_row_combination_bit_for_bit(DType scaleType, bool rebias)
+    public void Scale_groups_are_the_exact_products_of_every_scale(DType scaleType, bool rebias)
     {
         if (!Supported)
             return;
-        // The kernels combine 16 scales at a time just before their codes; they must give exactly what a whole-row pass
-        // gives, every fp16 pattern included (negative, subnormal, infinite and NaN scales take the exact widening).
+        // The kernels combine 16 scales at a time just before their codes; every group must hold exactly the products of
+        // the widened W scales and x's, every fp16 pattern included (negative, subnormal, infinite and NaN scales take
+        // the exact widening).
         const int rows = 64, blocks = 1024;
         var q = QuantizedMatrix.Allocate(QuantFormat.Q8, rows, blocks * 32, scaleType);
         var random = new Random(11);
@@ -189,24 +190,30 @@ public sealed unsafe class OneTokenGemvTests
         var xScales = new float[blocks];
         for (int b = 0; b < blocks; b++) xScales[b] = (float)Math.Pow(2, random.Next(-40, 15)) * (1f + random.NextSingle());
         var rebiased = new float[blocks];
-        var whole = new float[blocks];
         var group = new float[QuantMatMul.OneTokenScaleGroup];
         fixed (float* xs = xScales)
         fixed (float* rs = rebiased)
-        fixed (float* wholeRow = whole)
         fixed (float* target = group)
         {
             Assert.True(QuantMatMul.RebiasScales(xs, blocks, rs));
             float* xr = rebias ? rs : null;
             for (int row = 0; row < rows; row++)
             {
-                QuantMatMul.CombineScales(q, (long)row * blocks, blocks, blocks, xs, xr, wholeRow);
                 for (int b = 0; b < blocks; b += QuantMatMul.OneTokenScaleGroup)
                 {
-                    QuantMatMul.CombineScaleGroup(q.ScaleData, scaleType == DType.F32, (long)row * blocks + b, xs + b, xr == null ? null : xr + b, target);
+                    long first = (long)row * blocks + b;
+                    QuantMatMul.CombineScaleGroup(q.ScaleData, scaleType == DType.F32, first, xs + b, xr == null ? null : xr + b, target);
                     for (int i = 0; i < QuantMatMul.OneTokenScaleGroup; i++)
-                        Assert.True(BitConverter.SingleToUInt32Bits(whole[b + i]) == BitConverter.SingleToUInt32Bits(group[i]),
-                            $"row {row} block {b + i}: {group[i]}, whole row {whole[b + i]}");
+                    {
+                        if (scaleType == DType.F16)
+                        {
+                            AssertProduct(((ushort*)q.ScaleData)[first + i], xScales[b + i], group[i]);
+                            continue;
+                        }
+                        float expected = ((float*)q.ScaleData)[first + i] * xScales[b + i];
+                        Assert.True(BitConverter.SingleToUInt32Bits(expected) == BitConverter.SingleToUInt32Bits(group[i]),
+                            $"row {row} block {b + i}: {group[i]}, expected {expected}");
+                    }
                 }
             }
         }
