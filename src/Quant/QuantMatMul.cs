@@ -118,16 +118,9 @@ public static unsafe class QuantMatMul
     {
         int k = w.Cols;
         int padded = w.BlocksPerRow * w.Format.BlockSize();
-        // The kernels read whole blocks, so x rows are copied into zero-padded rows when K is not a multiple of the block.
-        float[]? rented = padded != k ? ArrayPool<float>.Shared.Rent(rows * padded) : null;
+        float[]? rented = PadRows(x, rows, k, padded);
         try
         {
-            if (rented != null)
-            {
-                Array.Clear(rented, 0, rows * padded);
-                for (int m = 0; m < rows; m++)
-                    x.Slice(m * k, k).CopyTo(rented.AsSpan(m * padded, k));
-            }
             ReadOnlySpan<float> xs = rented != null ? rented : x;
             fixed (float* xp = xs)
             fixed (float* bp = bias)
@@ -147,6 +140,21 @@ public static unsafe class QuantMatMul
         {
             if (rented != null) ArrayPool<float>.Shared.Return(rented);
         }
+    }
+
+    /// <summary>
+    /// x's rows copied into zero-padded rows of <paramref name="padded"/> floats, rented from the shared pool (return it),
+    /// when K is not a multiple of the block: the kernels read whole blocks. Null when x can be read as it is.
+    /// </summary>
+    private static float[]? PadRows(ReadOnlySpan<float> x, int rows, int k, int padded)
+    {
+        if (padded == k)
+            return null;
+        float[] rented = ArrayPool<float>.Shared.Rent(rows * padded);
+        Array.Clear(rented, 0, rows * padded);
+        for (int m = 0; m < rows; m++)
+            x.Slice(m * k, k).CopyTo(rented.AsSpan(m * padded, k));
+        return rented;
     }
 
     /// <summary>Most matrices one fused batch takes (the decoder's groups are 3 and 2); larger groups run in batches of this many.</summary>
@@ -177,15 +185,9 @@ public static unsafe class QuantMatMul
 
         int k = first.Cols, blocks = first.BlocksPerRow;
         int padded = blocks * first.Format.BlockSize();
-        // As Gemv: the coder reads whole blocks, so a K that is not a multiple of the block is copied into a zero-padded row.
-        float[]? rented = padded != k ? ArrayPool<float>.Shared.Rent(padded) : null;
+        float[]? rented = PadRows(x, 1, k, padded);
         try
         {
-            if (rented != null)
-            {
-                Array.Clear(rented, 0, padded);
-                x[..k].CopyTo(rented);
-            }
             ReadOnlySpan<float> xs = rented != null ? rented : x;
             fixed (float* xp = xs)
             {
