@@ -245,24 +245,35 @@ public sealed unsafe class IntegerGemmTests
         }
     }
 
-    // Large enough for parallel tiles, row slices, several K chunks and partial groups.
+    // Large enough for parallel tiles, row slices, several K chunks and partial groups; q8 and nf4 (fp16 absmax) weights,
+    // each against its own scalar model.
     [Theory]
-    [InlineData(70, 1100, 530)]
-    [InlineData(9, 2100, 300)]
-    [InlineData(300, 130, 70)]
-    [InlineData(5, 33, 1)]
-    public void Parallel_shapes_equal_the_scalar_model(int rows, int k, int n)
+    [InlineData(QuantFormat.Q8, 70, 1100, 530)]
+    [InlineData(QuantFormat.Q8, 9, 2100, 300)]
+    [InlineData(QuantFormat.Q8, 300, 130, 70)]
+    [InlineData(QuantFormat.Q8, 5, 33, 1)]
+    [InlineData(QuantFormat.Nf4, 70, 1100, 530)]
+    [InlineData(QuantFormat.Nf4, 9, 2100, 300)]
+    [InlineData(QuantFormat.Nf4, 300, 130, 70)]
+    [InlineData(QuantFormat.Nf4, 5, 33, 1)]
+    public void Parallel_shapes_equal_the_scalar_model(QuantFormat format, int rows, int k, int n)
     {
         var random = new Random(rows * 31 + k);
         float[] x = RandomFloats(random, rows * k, 3f);
-        var w = QuantizeF32(RandomFloats(random, n * k, 1f), n, k);
+        float[] weights = RandomFloats(random, n * k, 1f);
+        var w = format == QuantFormat.Q8 ? QuantizeF32(weights, n, k) : IntegerGemmNf4Tests.QuantizeNf4(weights, n, k, DType.F16);
         float[] bias = RandomFloats(random, n, 1f);
         int saved = KernelThreading.MaxThreads;
         try
         {
             KernelThreading.MaxThreads = 3;
             foreach (var path in SupportedPaths())
-                Assert.Equal(ScalarReference(path, x, rows, k, w, bias, 0f), Run(path, x, rows, w, bias, 0f));
+            {
+                float[] expected = format == QuantFormat.Q8
+                    ? ScalarReference(path, x, rows, k, w, bias, 0f)
+                    : IntegerGemmNf4Tests.ScalarReference(path, x, rows, k, w, bias, 0f);
+                Assert.Equal(expected, Run(path, x, rows, w, bias, 0f));
+            }
         }
         finally
         {
