@@ -128,7 +128,7 @@ public static unsafe class QuantMatMul
             {
                 // One token on AVX-512: x once as int16 codes (CodeOneToken).
                 var activations = UsesInt16Activations(rows, path) ? CodeOneToken(w.Format, xp, w.BlocksPerRow) : default;
-                int rowsPerItem = rows == 1 ? OneTokenRowsPerItem(w.Rows) : GemvRowsPerItem;
+                int rowsPerItem = rows == 1 ? OneTokenRowsPerItem(w.Rows, w.Cols) : GemvRowsPerItem;
                 var job = new GemvJob(w, xp, activations, padded, rows, rowsPerItem, bias.IsEmpty ? null : bp, yp, softCap, path);
                 int items = (w.Rows + rowsPerItem - 1) / rowsPerItem;
                 bool parallel = (long)w.Rows * padded >= GemvParallelThreshold && KernelThreading.MaxThreads > 1 && items > 1;
@@ -217,7 +217,7 @@ public static unsafe class QuantMatMul
             for (int i = 0; i < batch.Length; i++)
             {
                 var w = (QuantizedMatrix)batch[i].Weight;
-                int rowsPerItem = OneTokenRowsPerItem(w.Rows);
+                int rowsPerItem = OneTokenRowsPerItem(w.Rows, w.Cols);
                 float* y = i switch { 0 => y0, 1 => y1, 2 => y2, _ => y3 };
                 float* bias = i switch { 0 => b0, 1 => b1, 2 => b2, _ => b3 };
                 job.Jobs[i] = new GemvJob(w, x, activations, padded, 1, rowsPerItem, bias, y, 0f, path);
@@ -300,10 +300,21 @@ public static unsafe class QuantMatMul
     /// <summary>How far ahead of its group the kernels prefetch a long scale row (128 and 512 bytes measured slower).</summary>
     private const int OneTokenScalePrefetchBytes = 256;
     /// <summary>
-    /// W rows per work item for one token: long items keep the lanes long, about four items per thread keep the threads
-    /// balanced when one of them is slowed down. A multiple of 4.
+    /// W rows per work item for one token, a multiple of 4: long items keep the lanes long, about four items per thread keep
+    /// the threads balanced when one of them is slowed down. A matrix of at most <see cref="SmallOneTokenWeights"/> runs
+    /// as one item per thread instead: its items are short enough that each one's start (four lanes ramping up) and the
+    /// last one's tail cost more than the balance gains (Gemma's q and o 3-9 % faster, k and v 10-15 %).
     /// </summary>
-    internal static int OneTokenRowsPerItem(int rows) => Math.Clamp(rows / (4 * KernelThreading.MaxThreads) / 4 * 4, 64, 512);
+    internal static int OneTokenRowsPerItem(int rows, int cols)
+    {
+        int threads = KernelThreading.MaxThreads;
+        if ((long)rows * cols <= SmallOneTokenWeights)
+            return Math.Max(4, (rows + 4 * threads - 1) / (4 * threads) * 4);
+        return Math.Clamp(rows / (4 * threads) / 4 * 4, 64, 512);
+    }
+
+    /// <summary>Weights up to which a one-token GEMV takes one work item per thread (16 Mi: Gemma's attention projections).</summary>
+    internal const long SmallOneTokenWeights = 1L << 24;
 
     /// <summary>One token's x for the int16 kernels: codes, block scales, and the scales times 2^112 (null where that overflows).</summary>
     private readonly struct OneTokenActivations(short* codes, float* scales, float* rebiasedScales)
