@@ -593,7 +593,10 @@ public static unsafe class Attention
                 if (v != null)
                 {
                     for (int jj = 0; jj < RowBlock; jj++)
-                        PackedGemm.PrefetchLines((byte*)(v + (nint)(j + jj) * kStride), (byte*)(v + (nint)(j + jj) * kStride + d));
+                    {
+                        float* vRow = v + (nint)(j + jj) * kStride;
+                        PackedGemm.PrefetchLines((byte*)vRow, (byte*)(vRow + d));
+                    }
                 }
                 byte* keyRows = (byte*)(k + (nint)j * kStride);
                 for (int r = 0; r < rowsPadded; r += RowBlock)
